@@ -229,7 +229,7 @@ class ConceptTokens:
         return int(self.ids.numel())
 
     def summary(self, max_listed: int = 8) -> str:
-        """One line, e.g. ``colors: 45 words -> 88 tokens; 2 split ... (dropped): ...; 0 missing``."""
+        """One line: ``colors: 45 words -> 78 tokens; 13 split ... (dropped): ...; 0 missing``."""
         def listed(words: list[str]) -> str:
             head = ", ".join(words[:max_listed])
             more = len(words) - max_listed

@@ -45,7 +45,8 @@ def test_builtin_files_have_a_source_header_and_no_duplicates(name):
     body = [l for l in lines if l and not l.startswith("#")]
     assert len(body) == len(set(body)) == len(load_words(name))
     assert all(l == l.strip() for l in body)
-    assert f"# {len(body)} entries." in lines or f"# {len(body)} entries, one per line, sorted." in lines
+    stated = {f"# {len(body)} entries.", f"# {len(body)} entries, one per line, sorted."}
+    assert stated & set(lines), "the header must state the number of entries"
 
 
 def test_builtin_contents():

@@ -1,7 +1,7 @@
 """Tokenizers built offline for tests: no hub download, no network.
 
-Four families, each wrapped as a ``transformers`` tokenizer (``encode``,
-``convert_ids_to_tokens``, ``decode`` work as usual):
+Four offline families and the real SmolLM2 tokenizer, each a ``transformers`` tokenizer
+(``encode``, ``convert_ids_to_tokens``, ``decode`` work as usual):
 
 * ``bytelevel_bpe()``   GPT-2-style byte-level BPE (``Ġword``), hand-made vocabulary.
 * ``llama_sp_bpe()``    SentencePiece-style BPE as ``LlamaTokenizer`` builds it in
