@@ -1,5 +1,30 @@
-"""hp_fast: fast Head Pursuit (find, describe and edit concept-specialized attention heads)."""
-from .somp import SOMPResult
+"""hp_fast: fast Head Pursuit (find, describe and edit concept-specialized attention heads).
+
+Quick start::
+
+    import hp_fast
+    model, tok = hp_fast.load_model()                      # embedded SmolLM2-135M-Instruct
+    acts = hp_fast.capture(model, tok, prompts)            # (n, layers, heads, dh)
+    ranking = hp_fast.rank_heads(acts, model, tok, "countries")
+    heads = ranking.top(8)
+    with hp_fast.edit_heads(model, {h: -1.0 for h in heads}):
+        ...                                                # concept suppressed
+"""
+from .adapters import get_adapter, supported_architectures
+from .capture import HeadActivations, capture
+from .concepts import builtin_concepts, concept_tokens, load_words
+from .edits import edit_heads, fold_head_gains, uniform_gains
+from .models import load_model
 from .pursuit import somp, somp_heads
+from .ranking import HeadRanking, describe_heads, logit_lens_tokens, random_control, rank_heads
+from .somp import SOMPResult
+from .backend import backend_info
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "load_model", "capture", "HeadActivations", "somp", "somp_heads", "SOMPResult",
+    "concept_tokens", "builtin_concepts", "load_words", "rank_heads", "HeadRanking",
+    "describe_heads", "logit_lens_tokens", "random_control", "edit_heads", "fold_head_gains",
+    "uniform_gains", "get_adapter", "supported_architectures", "backend_info",
+]

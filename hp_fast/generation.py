@@ -1,0 +1,33 @@
+"""Batched greedy generation of short answers (left padding, chat template)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .capture import format_prompts
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 12,
+                     batch_size: int = 32, chat_template: bool | None = None,
+                     progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy continuations of ``prompts`` (decoded, special tokens stripped)."""
+    texts, used = format_prompts(tokenizer, list(prompts), chat_template)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    device = next(model.parameters()).device
+    out: list[str] = []
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch",
+                          disable=not progress, leave=False):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=not used).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            out += [s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return out
