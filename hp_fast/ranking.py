@@ -22,7 +22,7 @@ import torch
 
 from .adapters import get_adapter
 from .capture import HeadActivations
-from .concepts import concept_tokens
+from .concepts import concept_name, concept_tokens
 from .pursuit import somp_heads
 
 METHODS = ("somp", "logit_lens")
@@ -133,12 +133,6 @@ def _random_token_sets(vocab: int, size: int, count: int, exclude: torch.Tensor,
     return [pool[torch.randperm(len(pool), generator=gen)[:size]].sort().values for _ in range(count)]
 
 
-def _concept_name(concept) -> str:
-    if isinstance(concept, (str, Path)):
-        return Path(str(concept)).stem if Path(str(concept)).suffix else str(concept)
-    return "custom"
-
-
 def rank_heads(acts: HeadActivations, model, tokenizer, concept, *, k: int = 50,
                criterion: str = "l1", method: str = "somp", layers: Sequence[int] | None = None,
                normalize: bool = True, center: bool = False, baseline: str = "random",
@@ -166,7 +160,7 @@ def rank_heads(acts: HeadActivations, model, tokenizer, concept, *, k: int = 50,
     opts = {"criterion": criterion, "normalize": normalize, "center": center,
             "baseline": baseline if method == "somp" else "none", "layers": layers,
             "aggregate": acts.meta.get("aggregate"), "num_samples": acts.num_samples}
-    name = _concept_name(concept)
+    name = concept_name(concept)
     if method == "logit_lens":
         mean_write = torch.bmm(z.mean(1, keepdim=True), w_o)[:, 0]  # (B, d)
         ll = mean_write @ D[ids].mean(0)  # (B,) mean logit over concept tokens
