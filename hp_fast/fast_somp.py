@@ -73,17 +73,24 @@ def signals_to_heads(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gram_factor(Z: torch.Tensor) -> torch.Tensor:
-    """L (B, r, rr) with L L.T = Z.T Z (rr = min(n, r)): Z.T when n <= r, else R.T from Z = Q R."""
+    """L (B, r, rr) with L L.T = Z.T Z (rr = min(n, r)): Z.T when n <= r, else a Cholesky factor
+    (an eigen-factor for the rare rank-deficient Gram matrices)."""
     B, n, r = Z.shape
     if n <= r:
         return Z.transpose(1, 2)
-    R = torch.linalg.qr(Z, mode="r").R  # (B, r, r); works for rank-deficient Z too
-    return R.transpose(1, 2)
+    G = Z.transpose(1, 2) @ Z
+    L, info = torch.linalg.cholesky_ex(G)
+    bad = info != 0
+    if bool(bad.any()):
+        lam, V = torch.linalg.eigh(G[bad])
+        L[bad] = V * lam.clamp_min(0).sqrt()[:, None, :]
+    return L
 
 
-def head_batch_size(v: int, n: int, d: int, r: int, k: int, memory: int) -> int:
-    """Heads per batch so the per-step state (about 48 v bytes per head) fits ``memory`` bytes."""
-    per_head = 48 * v + 8 * (k * d + r * d + n * r + k * k)
+def head_batch_size(v: int, n: int, d: int, r: int, k: int, memory: int, l1: bool) -> int:
+    """Heads per batch so the per-step state (about 48 v bytes per head, plus F (v, r) floats for
+    the L1 rule) fits ``memory`` bytes."""
+    per_head = 48 * v + 8 * (k * d + r * d + n * r + k * k) + (4 * v * r if l1 else 0)
     return max(1, int(memory // per_head))
 
 
@@ -149,30 +156,40 @@ def _init_scores(D: torch.Tensor, U: torch.Tensor, chunk_bytes: int) -> torch.Te
     return s
 
 
-def _l1_exact(D, inv_norm, idx, Z, MT, Qt, QMT, chunk_bytes):
-    """Exact L1 scores of atoms idx (B, m) for each head: sum_i |(P d_j) M.T . z_i| (normalized)."""
+def _init_F(D, MT, chunk_bytes):
+    """F (B, v, r) = D @ M_b.T for every head, computed in vocabulary chunks of one product."""
+    B, d, r = MT.shape
+    v = D.shape[0]
+    F = torch.empty(B, v, r, dtype=D.dtype, device=D.device)
+    Mcat = MT.permute(1, 0, 2).reshape(d, B * r)
+    vc = max(64, chunk_bytes // max(1, B * r * D.element_size()))
+    for c0 in range(0, v, vc):
+        c1 = min(v, c0 + vc)
+        F[:, c0:c1] = (D[c0:c1] @ Mcat).view(c1 - c0, B, r).transpose(0, 1)
+    return F
+
+
+def _l1_exact(F, inv_norm, idx, Z, chunk_bytes):
+    """Exact L1 scores of atoms idx (B, m) per head from F (B, v, r): sum_i |F_j . z_i| (normalized)."""
     B, m = idx.shape
-    d = D.shape[1]
-    n = Z.shape[1]
-    out = torch.empty(B, m, dtype=D.dtype, device=D.device)
-    mc = max(16, chunk_bytes // max(1, B * (d + n + Qt.shape[1]) * D.element_size()))
+    n, r = Z.shape[1], Z.shape[2]
+    out = torch.empty(B, m, dtype=F.dtype, device=F.device)
+    mc = max(16, chunk_bytes // max(1, B * (n + r) * F.element_size()))
     ZT = Z.transpose(1, 2)
+    rows = torch.arange(B, device=F.device)[:, None]
     for c0 in range(0, m, mc):
         c1 = min(m, c0 + mc)
         ii = idx[:, c0:c1]
-        Dg = D[ii]  # (B, mc, d) the candidate atoms' rows
-        F = torch.bmm(Dg, MT)  # (B, mc, r) = D M.T
-        if Qt.shape[1]:
-            F -= torch.bmm(torch.bmm(Dg, Qt.transpose(1, 2)), QMT)  # minus (D Q.T)(Q M.T)
-        sc = torch.bmm(F, ZT).abs_().sum(dim=2)  # (B, mc): sum over samples of |corr|
+        sc = torch.bmm(F[rows, ii], ZT).abs_().sum(dim=2)  # (B, mc): sum over samples of |corr|
         if inv_norm is not None:
             sc *= inv_norm[ii]
         out[:, c0:c1] = sc
     return out
 
 
-def _full_refresh(D, U, Qt, tol, chunk_bytes):
-    """Recompute s (B', v) and orth (B', v) from the rows: P d_j = d_j - (d_j Q.T) Q, in chunks."""
+def _full_refresh(D, U, Qt, tol, chunk_bytes, MT=None, F=None):
+    """Recompute s (B', v), orth (B', v) (and F (B', v, r) = D P M.T into F when given) from the
+    rows: P d_j = d_j - (d_j Q.T) Q, in vocabulary chunks."""
     B, d, rr = U.shape
     v = D.shape[0]
     t = Qt.shape[1]
@@ -187,11 +204,13 @@ def _full_refresh(D, U, Qt, tol, chunk_bytes):
         X = Dc.expand(B, c1 - c0, d) - torch.bmm(A, Qt)  # (B, vc, d) = rows of D P
         o[:, c0:c1] = X.square().sum(dim=2)
         s[:, c0:c1] = torch.bmm(X, U).square_().sum(dim=2)
+        if F is not None:
+            F[:, c0:c1] = torch.bmm(X, MT)
     o = torch.where(o <= tol, torch.full_like(o, math.nan), o)
     return s, o
 
 
-def _refresh(D, frag_thr, tol, s, orth, Z, M, G, Qt, stats):
+def _refresh(D, frag_thr, tol, s, orth, Z, M, G, Qt, stats, F=None, FT=None):
     """Recompute s_j, o_j directly for atoms near the span (o_j < FRAGILE ||d_j||^2), retire dead ones."""
     bi, ji = (orth < frag_thr).nonzero(as_tuple=True)  # chosen / retired atoms hold NaN
     if bi.numel() == 0:
@@ -203,10 +222,12 @@ def _refresh(D, frag_thr, tol, s, orth, Z, M, G, Qt, stats):
         x = x - torch.bmm(torch.bmm(Qb, x[:, :, None]).transpose(1, 2), Qb)[:, 0]
     o = x.square().sum(dim=1)
     mvec = torch.bmm(M[bi], x[:, :, None])  # (m, r, 1)
-    sv = (mvec.transpose(1, 2) @ G[bi] @ mvec)[:, 0, 0]
+    if s is not None:
+        s[bi, ji] = (mvec.transpose(1, 2) @ G[bi] @ mvec)[:, 0, 0]
+    if F is not None:  # rows of F = D P M.T (FT = None) or of any D P FT
+        F[bi, ji] = mvec[:, :, 0] if FT is None else torch.bmm(x[:, None, :], FT[bi])[:, 0]
     dead = o <= tol[ji]
     orth[bi, ji] = torch.where(dead, torch.full_like(o, math.nan), o)
-    s[bi, ji] = sv
 
 
 def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
@@ -222,7 +243,14 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
     MT = M.transpose(1, 2)  # (B, d, r)
     U = MT @ gram_factor(Z)  # (B, d, rr): U U.T = M.T G M
     chunk = max(1 << 24, memory // 8)
-    s = _init_scores(D, U, chunk)  # (B, v)
+    F = None
+    if criterion == "l1":
+        F = _init_F(D, MT, chunk)  # (B, v, r) per-head projected dictionaries D M.T
+        Lf = gram_factor(Z)
+        s = torch.bmm(F, Lf).square_().sum(dim=2)  # ||F_j L||^2 = ||Z M d_j||^2
+        del Lf
+    else:
+        s = _init_scores(D, U, chunk)  # (B, v)
     ref = total.clone()  # residual energy at the last exact computation of s
     tol = SPAN_TOL * atom_sq  # (v,)
     orth = atom_sq.expand(B, v).clone()  # (B, v) ||P d_j||^2
@@ -257,8 +285,8 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
             score.masked_fill_(invalid, -math.inf)
             p, ok = pick(score, rtol)
         else:
-            p, ok = _l1_select(D, inv_sq, inv_norm, s, margin, invalid, score, Z, MT, Qt, n,
-                               rtol, chunk, stats)
+            p, ok = _l1_select(F, inv_sq, inv_norm, s, margin, invalid, score, Z, n, rtol,
+                               chunk, stats)
         ok &= alive
         alive = ok
         if not bool(ok.any()):
@@ -292,6 +320,8 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
         a, c = Y[:B], Y[B:]
         s.addcmul_(a, c, value=-1.0)
         orth.addcmul_(a, a, value=-1.0)
+        if F is not None:
+            F.baddbmm_(a[:, :, None], mq.transpose(1, 2), alpha=-1.0)  # F -= (D q) outer (M q)
         orth[rows[ok], p[ok]] = math.nan  # the chosen atom
         # the recurrence loses digits once the residual is much smaller than it was when s was
         # last exact: recompute s, orth from the rows for those heads (rare: every 100x drop)
@@ -299,20 +329,22 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
         stale = (residual < REFRESH_DROP[dt] * ref) & ok
         if bool(stale.any()):
             hb = stale.nonzero()[:, 0]
-            s[hb], orth[hb] = _full_refresh(D, U[hb], Q[hb, :t + 1], tol, chunk)
+            Fh = None if F is None else F[hb]
+            s[hb], orth[hb] = _full_refresh(D, U[hb], Q[hb, :t + 1], tol, chunk, MT[hb], Fh)
+            if F is not None:
+                F[hb] = Fh
             ref[hb] = residual[hb]
             stats.full_refresh += hb.numel()
             if criterion == "l1":
                 margin[hb] = L1_MARGIN * s[hb].max(dim=1, keepdim=True).values.clamp_min(0)
-        _refresh(D, frag_thr, tol, s, orth, Z, M, G, Q[:, :t + 1], stats)
+        _refresh(D, frag_thr, tol, s, orth, Z, M, G, Q[:, :t + 1], stats, F)
     return support, evr, Q, T
 
 
-def _l1_select(D, inv_sq, inv_norm, s, margin, invalid, ub, Z, MT, Qt, n, rtol, chunk, stats):
+def _l1_select(F, inv_sq, inv_norm, s, margin, invalid, ub, Z, n, rtol, chunk, stats):
     """Pruned exact L1 argmax for every head of the batch (see module docstring)."""
     B, v = s.shape
     dev = s.device
-    QMT = torch.bmm(Qt, MT) if Qt.shape[1] else None  # (B, t, r)
     # squared upper bound n (s + margin) / ||d||^2 of each atom's L1 score
     torch.add(s, margin, out=ub)
     ub.clamp_(min=0).mul_(n)
@@ -322,7 +354,7 @@ def _l1_select(D, inv_sq, inv_norm, s, margin, invalid, ub, Z, MT, Qt, n, rtol, 
     ns = min(L1_SEEDS, v)
     seed_ub, seed = ub.topk(ns, dim=1)  # best bounds first
     seed_ok = torch.isfinite(seed_ub)
-    ex = _l1_exact(D, inv_norm, seed, Z, MT, Qt, QMT, chunk)
+    ex = _l1_exact(F, inv_norm, seed, Z, chunk)
     ex.masked_fill_(~seed_ok, -math.inf)
     beta = ex.max(dim=1).values  # (B,) best exact score among the seeds
     thr = beta - rtol * beta.abs()  # anything that may tie with it must be looked at
@@ -342,7 +374,7 @@ def _l1_select(D, inv_sq, inv_norm, s, margin, invalid, ub, Z, MT, Qt, n, rtol, 
     idx[bi, pos] = ji
     filled = torch.zeros(B, m, dtype=torch.bool, device=dev)
     filled[bi, pos] = True
-    ex = _l1_exact(D, inv_norm, idx, Z, MT, Qt, QMT, chunk)
+    ex = _l1_exact(F, inv_norm, idx, Z, chunk)
     ex.masked_fill_(~filled, -math.inf)
     j, ok2 = pick(ex, rtol)  # lowest atom index among the near-best (rows are sorted)
     return idx[torch.arange(B, device=dev), j], ok & ok2
@@ -388,7 +420,7 @@ def _run(Z, M, D, k, criterion, normalize, memory, progress, stats, want_factors
     B, n, r = Z.shape
     v, d = D.shape
     atom_sq = D.square().sum(dim=1)
-    hb = min(B, head_batch_size(v, n, d, r, k, memory))
+    hb = min(B, head_batch_size(v, n, d, r, k, memory, criterion == "l1"))
     st = _Stats()
     bar = None
     if progress:
