@@ -1,0 +1,148 @@
+"""The fast torch path (hp_fast.fast_somp) against the float64 reference.
+
+Inputs have a unique greedy path (sparse combinations of planted atoms with weights 8, 4, 2, 1, ...
+and small noise), so a different support is a bug, not a tie. EVR tolerance: 2e-5 absolute; the
+fast path computes in fp32 and the EVR is a ratio of sums of squares, good to about 1e-6.
+"""
+import pytest
+import torch
+
+from hp_fast.pursuit import resolve_backend, somp, somp_heads
+from hp_fast.somp import somp_reference
+
+EVR_ATOL = 2e-5
+CRITERIA = ("l1", "l2", "ormp")
+
+
+def planted(B, n, d, v, ks, seed, dup=False, dtype=torch.float32):
+    """H (B, n, d) = sparse combos of ks planted atoms with geometric weights; D (v, d)."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(v, d, generator=g)
+    D = D * (0.5 + torch.rand(v, 1, generator=g))  # unequal norms: normalize matters
+    idx = torch.stack([torch.randperm(v, generator=g)[:ks] for _ in range(B)])
+    if dup:  # an exact copy of a planted atom elsewhere in the dictionary
+        j = int(idx[0, 0])
+        D[(j + 5) % v] = D[j]
+    w = 8.0 * 2.0 ** -torch.arange(ks, dtype=torch.float32)
+    C = (torch.rand(B, n, ks, generator=g) + 0.5) * w
+    H = torch.einsum("bnk,bkd->bnd", C, D[idx]) + 1e-3 * torch.randn(B, n, d, generator=g)
+    return H.to(dtype), D.to(dtype)
+
+
+def planted_heads(B, n, dh, d, v, ks, seed):
+    """z (B, n, dh), w_o (B, dh, d) whose products are combos of ks planted atoms."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(v, d, generator=g)
+    idx = torch.stack([torch.randperm(v, generator=g)[:ks] for _ in range(B)])
+    w = 8.0 * 2.0 ** -torch.arange(ks, dtype=torch.float32)
+    A = torch.randn(B, dh, ks, generator=g) * w
+    w_o = A @ D[idx] + 1e-3 * torch.randn(B, dh, d, generator=g)
+    z = torch.randn(B, n, dh, generator=g)
+    return z, w_o, D
+
+
+# (B, n, d, v, ks, k, extra): odd sizes, n=1, v below one tile, k = v, duplicates, bf16
+CASES = {
+    "odd": (2, 7, 23, 37, 4, 4, {}),
+    "n1": (2, 1, 16, 29, 3, 3, {}),
+    "v_small": (1, 5, 16, 10, 3, 3, {}),
+    "k_eq_v": (2, 4, 12, 5, 5, 5, {}),
+    "dup": (2, 6, 16, 20, 3, 3, {"dup": True}),
+    "bf16": (2, 6, 20, 33, 3, 3, {"dtype": torch.bfloat16}),
+}
+
+
+def check_same(ref, got, coef=False):
+    assert torch.equal(ref.support, got.support.cpu()), (ref.support, got.support)
+    torch.testing.assert_close(got.evr.double().cpu(), ref.evr, atol=EVR_ATOL, rtol=0)
+    if coef:
+        scale = ref.coefficients.abs().max().clamp_min(1.0)
+        assert (got.coefficients.double().cpu() - ref.coefficients).abs().max() < 1e-3 * scale
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("center", [False, True])
+def test_torch_matches_reference(case, criterion, normalize, center):
+    B, n, d, v, ks, k, extra = CASES[case]
+    H, D = planted(B, n, d, v, ks, seed=hash((case, criterion)) % 1000, **extra)
+    ref = somp_reference(H, D, k, criterion=criterion, normalize=normalize, center=center,
+                         return_coefficients=True)
+    got = somp(H, D, k, criterion=criterion, normalize=normalize, center=center,
+               return_coefficients=True, backend="torch")
+    assert got.backend == "torch"
+    check_same(ref, got, coef=True)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_torch_float64_flag(criterion):
+    from hp_fast.fast_somp import somp_torch
+    H, D = planted(2, 8, 18, 31, 4, seed=5)
+    ref = somp_reference(H, D, 4, criterion=criterion)
+    got = somp_torch(H, D, 4, criterion=criterion, dtype=torch.float64)
+    assert got.evr.dtype == torch.float64
+    assert torch.equal(ref.support, got.support)
+    torch.testing.assert_close(got.evr, ref.evr, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("center", [False, True])
+def test_heads_match_reference(criterion, center):
+    z, w_o, D = planted_heads(3, 9, 6, 21, 40, 4, seed=7)
+    ref = somp_heads(z, w_o, D, 4, criterion=criterion, center=center, backend="reference")
+    got = somp_heads(z, w_o, D, 4, criterion=criterion, center=center, backend="torch")
+    check_same(ref, got)
+    # more steps than planted atoms, several head batches (tiny memory budget), n < dh
+    from hp_fast.fast_somp import somp_heads_torch
+    z2 = z[:, :4]
+    ref = somp_heads(z2, w_o, D, 6, criterion=criterion, center=center, backend="reference")
+    st = {}
+    got = somp_heads_torch(z2, w_o, D, 6, criterion=criterion, center=center, memory=1, stats=st)
+    assert st["head_batch"] == 1
+    assert torch.equal(ref.support[:, :4], got.support[:, :4])
+    torch.testing.assert_close(got.evr.double(), ref.evr, atol=EVR_ATOL, rtol=0)
+
+
+def test_heads_bf16_inputs_and_progress():
+    z, w_o, D = planted_heads(2, 8, 8, 16, 30, 3, seed=8)
+    z, w_o, D = z.bfloat16(), w_o.bfloat16(), D.bfloat16()
+    ref = somp_heads(z, w_o, D, 3, backend="reference")
+    got = somp_heads(z, w_o, D, 3, backend="torch", progress=True)
+    check_same(ref, got)
+
+
+def test_exhausted_dictionary_pads_with_minus_one():
+    # 3 atoms spanning a 2-d space: after two picks nothing is left
+    D = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    H = torch.tensor([[[3.0, 1.0, 0.0], [2.0, 0.5, 0.0]]])
+    for criterion in CRITERIA:
+        ref = somp_reference(H, D, 3, criterion=criterion)
+        got = somp(H, D, 3, criterion=criterion, backend="torch")
+        check_same(ref, got)
+        assert int(got.support[0, 2]) == -1
+
+
+def test_dispatch_and_errors(monkeypatch):
+    H, D = planted(1, 3, 8, 6, 2, seed=9)
+    assert somp(H, D, 2).backend == "torch"  # auto on CPU
+    assert somp(H, D, 2, backend="reference").backend == "reference"
+    monkeypatch.setenv("HP_FAST_SOMP_BACKEND", "reference")
+    assert somp(H, D, 2, backend="torch").backend == "reference"
+    monkeypatch.setenv("HP_FAST_SOMP_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="HP_FAST_SOMP_BACKEND"):
+        somp(H, D, 2)
+    monkeypatch.delenv("HP_FAST_SOMP_BACKEND")
+    with pytest.raises(ValueError, match="backend"):
+        somp(H, D, 2, backend="cuda")
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="k=7"):
+        somp(H, D, 7, backend="torch")
+    z, w_o, D2 = planted_heads(2, 4, 3, 8, 5, 2, seed=10)
+    with pytest.raises(ValueError, match="k=6"):
+        somp_heads(z, w_o, D2, 6)
+    with pytest.raises(ValueError, match="w_o"):
+        somp_heads(z, w_o[:1], D2, 2)
+    z[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        somp_heads(z, w_o, D2, 2)

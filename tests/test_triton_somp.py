@@ -1,0 +1,48 @@
+"""The Triton kernels (hp_fast.triton_somp) against the float64 reference, run by the Triton
+interpreter on the CPU (TRITON_INTERPRET=1, set in conftest before triton is imported): tiny
+shapes only. Same unique-path inputs and tolerances as tests/test_fast_somp.py."""
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hp_fast.pursuit import somp, somp_heads  # noqa: E402
+from hp_fast.somp import somp_reference  # noqa: E402
+from test_fast_somp import CASES, CRITERIA, check_same, planted, planted_heads  # noqa: E402
+
+# every case under every criterion; (normalize, center) cycles so all four combos are covered
+FLAGS = list(itertools.product([True, False], [False, True]))
+GRID = [(case, crit, *FLAGS[i % 4])
+        for i, (case, crit) in enumerate(itertools.product(sorted(CASES), CRITERIA))]
+
+
+@pytest.mark.parametrize("case,criterion,normalize,center", GRID)
+def test_triton_matches_reference(case, criterion, normalize, center):
+    B, n, d, v, ks, k, extra = CASES[case]
+    H, D = planted(B, n, d, v, ks, seed=hash((case, criterion)) % 1000, **extra)
+    ref = somp_reference(H, D, k, criterion=criterion, normalize=normalize, center=center,
+                         return_coefficients=True)
+    got = somp(H, D, k, criterion=criterion, normalize=normalize, center=center,
+               return_coefficients=True, backend="triton")
+    assert got.backend == "triton"
+    check_same(ref, got, coef=True)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_triton_heads_match_reference(criterion):
+    # 17 heads: more than one head block of the update kernel (16)
+    z, w_o, D = planted_heads(17, 5, 6, 19, 40, 3, seed=11)
+    ref = somp_heads(z, w_o, D, 3, criterion=criterion, backend="reference")
+    got = somp_heads(z, w_o, D, 3, criterion=criterion, backend="triton")
+    check_same(ref, got)
+
+
+def test_triton_heads_bf16_and_fp16_dictionary():
+    z, w_o, D = planted_heads(2, 6, 8, 16, 30, 3, seed=12)
+    for dt in (torch.bfloat16, torch.float16):
+        Dq, zq = D.to(dt), z.to(dt)
+        ref = somp_heads(zq, w_o, Dq, 3, criterion="l2", backend="reference")
+        got = somp_heads(zq, w_o, Dq, 3, criterion="l2", backend="triton")
+        check_same(ref, got)
