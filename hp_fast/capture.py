@@ -166,7 +166,6 @@ def _check_prompts(prompts) -> list[str]:
     return prompts
 
 
-@torch.no_grad()
 def capture(model, tokenizer, prompts: Sequence[str], *, aggregate: str = "mean",
             batch_size: int = 16, chat_template: bool | None = None, progress: bool = True,
             max_length: int | None = 512) -> HeadActivations:
@@ -176,19 +175,39 @@ def capture(model, tokenizer, prompts: Sequence[str], *, aggregate: str = "mean"
     chat_template: wrap each prompt as a user turn (None: if the tokenizer has a template).
     Returns HeadActivations with z (n, layers, heads, dh) float32.
     """
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate={aggregate!r} is unknown; use one of {AGGREGATES}")
+    return capture_many(model, tokenizer, prompts, aggregates=(aggregate,), batch_size=batch_size,
+                        chat_template=chat_template, progress=progress, max_length=max_length)[aggregate]
+
+
+def _forward(model, enc) -> None:
+    """Forward pass for the hooks only: logits of the last position at most."""
+    kw = dict(enc, position_ids=position_ids(enc["attention_mask"]), use_cache=False)
+    try:
+        model(**kw, logits_to_keep=1)  # skips the (T, vocab) logits most models would form
+    except TypeError:
+        model(**kw)
+
+
+@torch.no_grad()
+def capture_many(model, tokenizer, prompts: Sequence[str], *, aggregates=("mean", "last"),
+                 batch_size: int = 16, chat_template: bool | None = None, progress: bool = True,
+                 max_length: int | None = 512) -> dict[str, HeadActivations]:
+    """Like ``capture`` with several aggregates from one pass: {aggregate: HeadActivations}."""
+    bad = [a for a in aggregates if a not in AGGREGATES]
+    if bad or not aggregates:
+        raise ValueError(f"aggregate={bad[0] if bad else aggregates!r} is unknown; use one of {AGGREGATES}")
     prompts = _check_prompts(prompts)
     ad = get_adapter(model)
     texts, used_template = format_prompts(tokenizer, prompts, chat_template)
     device = next(model.parameters()).device
     L, H, dh = ad.num_layers, ad.num_heads, ad.head_dim
-    z = torch.empty(len(texts), L, H, dh)
+    z = {a: torch.empty(len(texts), L, H, dh) for a in aggregates}
     state: dict = {}
 
     def make_hook(layer: int):
         def hook(_module, args):
-            state["out"][layer] = _aggregate(args[0], state["mask"], aggregate).cpu()
+            for a in aggregates:
+                state["out"][a][layer] = _aggregate(args[0], state["mask"], a).cpu()
         return hook
 
     handles = [p.register_forward_pre_hook(make_hook(i)) for i, p in enumerate(ad.out_projs)]
@@ -199,17 +218,18 @@ def capture(model, tokenizer, prompts: Sequence[str], *, aggregate: str = "mean"
             enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=max_length is not None,
                             max_length=max_length, add_special_tokens=not used_template).to(device)
             state["mask"] = enc["attention_mask"]
-            state["out"] = [None] * L
-            model(**enc, position_ids=position_ids(enc["attention_mask"]), use_cache=False)
-            out = torch.stack(state["out"], dim=1)  # (B, L, H*dh)
-            if not torch.isfinite(out).all():
-                raise ValueError(f"the model produced NaN/Inf head outputs on prompts {start}.."
-                                 f"{start + len(chunk) - 1}; try dtype=torch.float32")
-            z[start:start + len(chunk)] = out.view(len(chunk), L, H, dh)
+            state["out"] = {a: [None] * L for a in aggregates}
+            _forward(model, enc)
+            for a in aggregates:
+                out = torch.stack(state["out"][a], dim=1)  # (B, L, H*dh)
+                if not torch.isfinite(out).all():
+                    raise ValueError(f"the model produced NaN/Inf head outputs on prompts {start}.."
+                                     f"{start + len(chunk) - 1}; try dtype=torch.float32")
+                z[a][start:start + len(chunk)] = out.view(len(chunk), L, H, dh)
     finally:
         for h in handles:
             h.remove()
     meta = {"model": model_fingerprint(model), "prompt_hash": prompts_hash(prompts),
-            "aggregate": aggregate, "chat_template": used_template, "num_samples": len(prompts),
-            "shape": list(z.shape), "prompts": prompts}
-    return HeadActivations(z, meta, ad)
+            "chat_template": used_template, "num_samples": len(prompts),
+            "shape": [len(texts), L, H, dh], "prompts": prompts}
+    return {a: HeadActivations(z[a], dict(meta, aggregate=a), ad) for a in aggregates}

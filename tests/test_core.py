@@ -236,3 +236,29 @@ def test_random_control_fallback_when_layer_full():
         assert all(l in (1, 2) for l, _ in s)
     tiny = hp_fast.random_control([(0, 0), (0, 1)], num_layers=1, num_heads=3, n_sets=2)
     assert all(s == [(0, 2)] for s in tiny)  # fewer free heads than needed: all of them
+
+
+def test_capture_many_equals_separate_captures(tok):
+    from hp_fast.capture import capture_many
+    model = tiny_model("gemma")
+    both = capture_many(model, tok, PROMPTS, aggregates=("mean", "last"), chat_template=False,
+                        progress=False)
+    for agg in ("mean", "last"):
+        alone = hp_fast.capture(model, tok, PROMPTS, aggregate=agg, chat_template=False, progress=False)
+        assert torch.equal(both[agg].z, alone.z) and both[agg].meta == alone.meta
+
+
+def test_generate_configs_equals_sequential_runs(tok):
+    from hp_fast.batched import generate_configs
+    from hp_fast.generation import generate_answers
+    model = tiny_model("llama", seed=5)
+    prompts = PROMPTS[:4]
+    configs = [None, {(0, 1): -1.0, (2, 3): 5.0}, {(1, 0): 0.0}]
+    batched = generate_configs(model, tok, prompts, configs, max_new_tokens=5, batch_size=5,
+                               chat_template=False, progress=False)
+    for config, answers in zip(configs, batched):
+        with hp_fast.edit_heads(model, config or {}):
+            alone = generate_answers(model, tok, prompts, max_new_tokens=5, batch_size=1,
+                                     chat_template=False)
+        assert answers == alone
+    assert batched[0] != batched[1]  # the edits change something, so the test can fail
