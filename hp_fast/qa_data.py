@@ -67,18 +67,24 @@ def country_questions(min_city_population: int = 1_000_000, min_country_populati
     return sorted(set(out), key=lambda q: q.question)
 
 
-def other_questions(min_country_population: int = 5_000_000):
+def other_questions(min_country_population: int = 5_000_000,
+                    kinds: tuple[str, ...] = ("capital", "continent")):
+    """Questions about countries whose answers are not countries.
+
+    kinds: any of "capital", "continent", "currency" (currencies are left out by default:
+    the embedded 135M model gets few of them right, so they add little signal).
+    """
     countries, _ = _countries(min_country_population)
     out = []
     for c in countries.values():
         name = c["name"]
-        if c.get("capital"):
+        if "capital" in kinds and c.get("capital"):
             out.append(Question(f"What is the capital of {name}?", (c["capital"].lower(),), "other"))
-        if c.get("currencyname"):
+        if "currency" in kinds and c.get("currencyname"):
             cur = c["currencyname"].lower()
             out.append(Question(f"What is the currency of {name}?", (cur, cur.split()[-1]), "other"))
         cont = _CONTINENTS.get(c.get("continentcode", ""))
-        if cont:
+        if "continent" in kinds and cont:
             out.append(Question(f"On which continent is {name}?", (cont.lower(),), "other"))
     return sorted(set(out), key=lambda q: q.question)
 
