@@ -248,7 +248,10 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
     if criterion == "l1":
         F = _init_F(D, MT, chunk)  # (B, v, r) per-head projected dictionaries D M.T
         Lf = gram_factor(Z)
-        s = torch.bmm(F, Lf).square_().sum(dim=2)  # ||F_j L||^2 = ||Z M d_j||^2
+        s = torch.empty(B, v, dtype=dt, device=dev)
+        vc = max(64, chunk // max(1, B * Lf.shape[2] * D.element_size()))
+        for c0 in range(0, v, vc):  # ||F_j L||^2 = ||Z M d_j||^2, in chunks
+            s[:, c0:c0 + vc] = torch.bmm(F[:, c0:c0 + vc], Lf).square_().sum(dim=2)
         del Lf
     else:
         s = _init_scores(D, U, chunk)  # (B, v)
