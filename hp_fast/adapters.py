@@ -40,10 +40,34 @@ _SPECS: dict[str, _Spec] = {
     "gpt2": _Spec(layers=("transformer.h",), attn="attn", out_proj="c_proj", conv1d=True),
 }
 
+# Vision-language models: the heads are those of the language backbone (never the vision
+# tower's); the unembedding is the language model's lm_head. Paths: transformers >= 4.52
+# first (``model.language_model``), then the older layouts.
+_VLM_LM = _Spec(layers=("model.language_model.layers", "language_model.model.layers",
+                        "model.layers"), attn="self_attn", out_proj="o_proj")
+_IDEFICS_LM = _Spec(layers=("model.text_model.layers",), attn="self_attn", out_proj="o_proj")
+VLM_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
+_SPECS.update({
+    "llava": _VLM_LM,           # LLaVA-1.5 (Llama/Vicuna backbone)
+    "llava_next": _VLM_LM,      # LLaVA-NeXT / 1.6 (Vicuna, Mistral, ... backbones)
+    "qwen2_vl": _VLM_LM,        # Qwen2-VL
+    "qwen2_5_vl": _VLM_LM,      # Qwen2.5-VL
+    "qwen2_vl_text": _LLAMA_LIKE,    # their language models loaded on their own
+    "qwen2_5_vl_text": _LLAMA_LIKE,
+    "gemma3": _VLM_LM,          # Gemma3 multimodal (4B/12B/27B)
+    "idefics3": _IDEFICS_LM,    # Idefics3
+    "smolvlm": _IDEFICS_LM,     # SmolVLM / SmolVLM2 (Idefics3 layout)
+})
+
 
 def supported_architectures() -> list[str]:
-    """Model types (``config.model_type``) with an adapter."""
+    """Model types (``config.model_type``) with an adapter (VLMs included)."""
     return sorted(_SPECS)
+
+
+def is_vlm(model: nn.Module) -> bool:
+    """True for a vision-language model whose language backbone has an adapter."""
+    return getattr(getattr(model, "config", None), "model_type", None) in VLM_MODEL_TYPES
 
 
 def _get_path(root: nn.Module, path: str):
