@@ -338,3 +338,52 @@ def test_digits_dataset():
     assert digits_dataset(1, labels="digits").labels == [str(d) for d in range(10)]
     with pytest.raises(ValueError, match="n_per_class"):
         digits_dataset(10_000)
+
+
+# ---- eval_vlm.py: every path end to end on a tiny random VLM (numbers are meaningless) ----
+
+def test_classify_end_to_end(tmp_path):
+    from hp_fast import eval_vlm
+    model, proc = _built("llava")
+    ds = digits_dataset(2, size=32)
+    logs = []
+    rep = eval_vlm.run_classify(model, proc, ds, ks=(2, 4), n_random=3, max_new_tokens=2,
+                                out=tmp_path / "cls", log=logs.append)
+    assert rep["prompt"].startswith("What digit is depicted in this image? Answer EXACTLY with one "
+                                    "of the following class names only: zero, one, two")
+    assert rep["n_select"] == rep["n_eval"] == 10 and rep["concept_tokens"] >= 9
+    assert [r["k"] for r in rep["results"]] == [2, 4]
+    for r in rep["results"]:
+        assert len(r["heads"]) == r["k"] and len(r["random_sets"]) == 3
+        assert not set(map(tuple, r["heads"])) & {tuple(h) for s in r["random_sets"] for h in s}
+        assert len(r["random"]["accuracy"]) == 3
+    assert json.loads((tmp_path / "cls" / "results.json").read_text())["task"] == "classify"
+    assert any("k= 4" in line for line in logs)
+
+
+def test_classify_many_reports_jaccard():
+    from hp_fast import eval_vlm
+    model, proc = _built("qwen2_vl")
+    a, b = digits_dataset(2, size=32, seed=0), digits_dataset(2, size=32, seed=1)
+    rep = eval_vlm.classify_many(model, proc, {"a": (a, "digit"), "b": (b, "number")}, ks=(3,),
+                                 n_random=2, max_new_tokens=2, log=lambda s: None,
+                                 positions="image")
+    assert set(rep["datasets"]) == {"a", "b"} and 0.0 <= rep["jaccard"][3]["a|b"] <= 1.0
+    assert eval_vlm.jaccard([(0, 1), (1, 2)], [(1, 2)]) == 0.5
+
+
+def test_caption_end_to_end(tmp_path):
+    from hp_fast import eval_vlm
+    from hp_fast.images import ImageDataset
+    model, proc = _built("gemma3")
+    digits = digits_dataset(1, size=32)
+    ds = ImageDataset(digits.images, captions=[[f"a white {w} on black", f"the number {w}"]
+                                               for w in digits.labels])
+    rep = eval_vlm.run_caption(model, proc, ds, concepts=("colors", "numbers"), ks=(2,),
+                               n_random=2, max_new_tokens=4, alpha=5.0, out=tmp_path,
+                               log=lambda s: None)
+    assert set(rep["concepts"]) == {"colors", "numbers"} and rep["n_eval"] == 5
+    row = rep["concepts"]["colors"]["results"][0]
+    assert set(row["somp"]) == {"keywords", "cider"} and len(row["random"]["cider"]) == 3
+    with pytest.raises(ValueError, match="reference captions"):
+        eval_vlm.run_caption(model, proc, digits)
