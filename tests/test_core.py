@@ -262,3 +262,11 @@ def test_generate_configs_equals_sequential_runs(tok):
                                      chat_template=False)
         assert answers == alone
     assert batched[0] != batched[1]  # the edits change something, so the test can fail
+
+
+def test_capture_nan_activations_raise_clear_error(tok):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        get_adapter(model).attns[1].v_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf head outputs"):
+        hp_fast.capture(model, tok, PROMPTS[:2], chat_template=False, progress=False)
