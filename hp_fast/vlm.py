@@ -33,6 +33,35 @@ AGGREGATES = ("image", "text", "mean", "last")
 POSITIONS = ("all", "prompt", "generated", "image", "text")
 
 
+# ---- loading --------------------------------------------------------------------------------
+
+def load_vlm(name_or_path: str, *, processor_kwargs: dict | None = None, **kw):
+    """``(model, processor)`` of a Hugging Face VLM, in eval mode with gradients off.
+
+    name_or_path: a local folder or a hub id already in the local cache (set
+    ``HF_HUB_OFFLINE=1`` to make sure nothing is downloaded). Keyword arguments go to
+    ``AutoModelForImageTextToText.from_pretrained`` (``dtype=torch.bfloat16``,
+    ``device_map="cuda"``, ``attn_implementation``, ...); ``dtype`` defaults to float32.
+    processor_kwargs go to ``AutoProcessor.from_pretrained`` (e.g. ``{"max_pixels": 512*28*28}``
+    for Qwen2-VL, which otherwise keeps images near their native resolution).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    kw.setdefault("dtype", torch.float32)
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, **(processor_kwargs or {}))
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kw)
+    except OSError as err:
+        raise ValueError(f"could not load VLM {name_or_path!r}: {err}. Pass a local folder or a "
+                         "hub id that is in the local Hugging Face cache") from err
+    if not hasattr(processor, "image_processor"):
+        raise ValueError(f"AutoProcessor gave a {type(processor).__name__} for {name_or_path!r}, "
+                         "not a multimodal processor: its image or video processor failed to "
+                         "load (the Qwen2-VL and SmolVLM video processors need torchvision; "
+                         "install the torchvision build that matches your torch)")
+    _check_vlm(model)
+    return model.eval().requires_grad_(False), processor
+
+
 # ---- image-token positions ------------------------------------------------------------------
 
 def image_token_id(model) -> int:
@@ -297,6 +326,6 @@ def generate_images(model, processor, images: Sequence[ImageLike], prompts, *,
     return answers
 
 
-__all__ = ["AGGREGATES", "POSITIONS", "image_token_id", "image_token_mask", "image_positions_mask",
+__all__ = ["AGGREGATES", "POSITIONS", "load_vlm", "image_token_id", "image_token_mask", "image_positions_mask",
            "image_placeholder", "format_vlm_prompts", "encode", "capture_images",
            "capture_images_many", "generate_images"]

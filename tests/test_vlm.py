@@ -387,3 +387,17 @@ def test_caption_end_to_end(tmp_path):
     assert set(row["somp"]) == {"keywords", "cider"} and len(row["random"]["cider"]) == 3
     with pytest.raises(ValueError, match="reference captions"):
         eval_vlm.run_caption(model, proc, digits)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_load_vlm_from_folder(tmp_path, family):
+    model, proc = _built(family)
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    loaded, lproc = vlm.load_vlm(str(tmp_path))
+    assert type(loaded) is type(model) and not loaded.training
+    a = vlm.capture_images(model, proc, _images()[:2], "what is this", progress=False)
+    b = vlm.capture_images(loaded, lproc, _images()[:2], "what is this", progress=False)
+    torch.testing.assert_close(a.z, b.z)
+    with pytest.raises(ValueError, match="could not load VLM"):
+        vlm.load_vlm(str(tmp_path / "nothing"))
