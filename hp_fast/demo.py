@@ -28,7 +28,11 @@ from .plots import edit_curves, heatmap
 from .qa_data import Question, country_questions, is_correct, other_questions
 from .ranking import describe_heads, logit_lens_tokens, random_control, rank_heads
 
-CHOICES = [("mean", "none"), ("mean", "random"), ("last", "none"), ("last", "random")]
+# (aggregate, baseline, first layer): the selection settings compared on validation. The
+# random baseline is the default of rank_heads; "first layer 2" is the hand-made filter that
+# skips the embedding-adjacent layers, shown for comparison.
+CHOICES = [("mean", "none", 0), ("mean", "random", 0), ("last", "none", 0), ("last", "random", 0),
+           ("mean", "none", 2), ("last", "none", 2)]
 KINDS = ("country", "other")
 
 
@@ -53,15 +57,18 @@ def score(answers: list[str], questions: list[Question]) -> dict[str, float]:
     return out
 
 
-def evaluate(model, tok, questions, configs, desc="evaluate") -> list[dict[str, float]]:
-    """Accuracy per kind for each gain configuration (None = unedited), one batched run."""
-    answers = generate_configs(model, tok, [q.prompt for q in questions], configs,
-                               max_new_tokens=10, desc=desc)
+def evaluate(model, tok, questions, configs, desc="evaluate", *,
+             generate=generate_configs) -> list[dict[str, float]]:
+    """Accuracy per kind for each gain configuration (None = unedited), one batched run.
+
+    generate: a function with ``generate_configs``' signature (e.g. a faster equivalent)."""
+    answers = generate(model, tok, [q.prompt for q in questions], configs,
+                       max_new_tokens=10, desc=desc)
     return [score(a, questions) for a in answers]
 
 
 def _norm(acc: dict, base: dict) -> dict:
-    return {k: (acc[k] / base[k] if base[k] else float("nan")) for k in KINDS}
+    return {k: (acc[k] / base[k] if base[k] else float("nan")) for k in acc}
 
 
 def quartiles(values: list[float]) -> list[float]:
@@ -72,10 +79,10 @@ def quartiles(values: list[float]) -> list[float]:
     return [q[0], statistics.median(values), q[2]]
 
 
-def _known(model, tok, pool, n_val_per_kind, n_test_per_kind):
+def _known(model, tok, pool, n_val_per_kind, n_test_per_kind, *, generate=generate_configs):
     """Questions the unedited model answers correctly, split into validation and test."""
-    answers = generate_configs(model, tok, [q.prompt for q in pool], [None], max_new_tokens=10,
-                               desc="unedited answers")[0]
+    answers = generate(model, tok, [q.prompt for q in pool], [None], max_new_tokens=10,
+                       desc="unedited answers")[0]
     ok = [q for q, a in zip(pool, answers) if is_correct(a, q)]
     base = score(answers, pool)
     val = [q for kind in KINDS for q in [x for x in ok if x.kind == kind][:n_val_per_kind]]
@@ -84,46 +91,69 @@ def _known(model, tok, pool, n_val_per_kind, n_test_per_kind):
     return val, test, base
 
 
-def choose_setting(model, tok, acts, val, k_probe, log):
+def choose_setting(model, tok, acts, val, k_probe, log, *, generate=generate_configs):
     """Rank under each choice; keep the most specific top-k inversion on validation."""
-    rankings = {c: rank_heads(acts[c[0]], model, tok, "countries", baseline=c[1], progress=False)
-                for c in CHOICES}
+    num_layers = acts["mean"].z.shape[1]
+    rankings = {c: rank_heads(acts[c[0]], model, tok, "countries", baseline=c[1],
+                              layers=range(c[2], num_layers), progress=False) for c in CHOICES}
     configs = [None] + [uniform_gains(rankings[c].top(k_probe), -1.0) for c in CHOICES]
-    accs = evaluate(model, tok, val, configs, desc="choose setting")
+    accs = evaluate(model, tok, val, configs, desc="choose setting", generate=generate)
     evidence = {}
     for c, acc in zip(CHOICES, accs[1:]):
         norm = _norm(acc, accs[0])
-        key = f"aggregate={c[0]}, baseline={c[1]}"
+        key = _key(c)
         evidence[key] = {"country": norm["country"], "other": norm["other"],
                          "specificity": norm["other"] - norm["country"],
                          "layers_of_top": rankings[c].layer_histogram(k_probe)}
-        log(f"  {key:<34} top-{k_probe} inverted: country {norm['country']:.2f}, other "
+        log(f"  {key:<46} top-{k_probe} inverted: country {norm['country']:.2f}, other "
             f"{norm['other']:.2f}; layers {evidence[key]['layers_of_top']}")
-    best = max(CHOICES, key=lambda c: evidence[f"aggregate={c[0]}, baseline={c[1]}"]["specificity"])
+    best = max(CHOICES, key=lambda c: evidence[_key(c)]["specificity"])
     return best, rankings[best], evidence
 
 
-def sweep(model, tok, test, ranking, ll_ranking, ks, n_random, num_layers, num_heads):
-    """Normalized accuracy for SOMP / logit-lens / random sets at each k (one batched run)."""
+def _key(choice) -> str:
+    agg, baseline, first = choice
+    return f"aggregate={agg}, baseline={baseline}" + (f", layers>={first}" if first else "")
+
+
+def sweep(model, tok, test, ranking, ll_ranking, ks, n_random, num_layers, num_heads, *,
+          alphas=(-1.0,), metric=score, generate=generate_configs, max_new_tokens=10,
+          keep_answers=False):
+    """Metrics / unedited for SOMP / logit-lens / random sets at each gain and k (one batched run).
+
+    metric(answers, test) -> {name: value} (default: accuracy per kind). Rows are ordered by
+    alpha, then k; the random sets of a k are the same at every alpha (seed = k).
+    keep_answers: also put every configuration's generations in the rows ("none" = unedited).
+    """
     configs, index = [None], []
-    for k in ks:
-        sets = {"somp": ranking.top(k), "logit_lens": ll_ranking.top(k)}
-        for i, rand in enumerate(random_control(sets["somp"], num_layers, num_heads, n_random, seed=k)):
-            sets[f"random{i}"] = rand
-        for name, heads in sets.items():
-            index.append((k, name, heads))
-            configs.append(uniform_gains(heads, -1.0))
-    accs = evaluate(model, tok, test, configs, desc="edited answers")
-    base = accs[0]
+    for alpha in alphas:
+        for k in ks:
+            sets = {"somp": ranking.top(k), "logit_lens": ll_ranking.top(k)}
+            for i, rand in enumerate(random_control(sets["somp"], num_layers, num_heads, n_random, seed=k)):
+                sets[f"random{i}"] = rand
+            for name, heads in sets.items():
+                index.append((alpha, k, name, heads))
+                configs.append(uniform_gains(heads, alpha))
+    answers = generate(model, tok, [q.prompt for q in test], configs,
+                       max_new_tokens=max_new_tokens, desc="edited answers")
+    values = [metric(a, test) for a in answers]
+    base = values[0]
     rows = []
-    for k in ks:
-        got = {name: (_norm(acc, base), heads) for (kk, name, heads), acc in zip(index, accs[1:]) if kk == k}
-        rand = [v[0] for n, v in got.items() if n.startswith("random")]
-        rows.append({"k": k, "percent_heads": round(100 * k / (num_layers * num_heads), 2),
-                     "heads": got["somp"][1], "somp": got["somp"][0],
-                     "logit_lens_heads": got["logit_lens"][1], "logit_lens": got["logit_lens"][0],
-                     "random": {kind: quartiles([r[kind] for r in rand]) for kind in KINDS},
-                     "random_sets": [got[n][1] for n in got if n.startswith("random")]})
+    for alpha in alphas:
+        for k in ks:
+            got = {name: (_norm(v, base), heads, v, a) for (al, kk, name, heads), v, a
+                   in zip(index, values[1:], answers[1:]) if kk == k and al == alpha}
+            rand = [v[0] for n, v in got.items() if n.startswith("random")]
+            row = {"alpha": alpha, "k": k, "percent_heads": round(100 * k / (num_layers * num_heads), 2),
+                   "heads": got["somp"][1], "somp": got["somp"][0],
+                   "logit_lens_heads": got["logit_lens"][1], "logit_lens": got["logit_lens"][0],
+                   "random": {key: quartiles([r[key] for r in rand]) for key in base},
+                   "random_values": rand,
+                   "random_sets": [got[n][1] for n in got if n.startswith("random")],
+                   "raw": {n: v[2] for n, v in got.items()}}
+            if keep_answers:
+                row["answers"] = {"none": answers[0], **{n: v[3] for n, v in got.items()}}
+            rows.append(row)
     return base, rows
 
 
@@ -135,9 +165,9 @@ def run_demo(model, tok, out="hp_fast_out/demo", quick: bool = False, n_random: 
     out.mkdir(parents=True, exist_ok=True)
     n_random = n_random or (3 if quick else 10)
     ks = sorted(ks or ([3, 8] if quick else [3, 8, 16]))
-    train, pool = split_questions(0, n_train=40 if quick else 120, n_pool=60 if quick else 200)
+    train, pool = split_questions(0, n_train=40 if quick else 120, n_pool=80 if quick else 160)
     log(f"[1/5] {len(train)} train questions (head selection), {len(pool)} in the evaluation pool")
-    val, test, pool_acc = _known(model, tok, pool, 8 if quick else 15, 12 if quick else 25)
+    val, test, pool_acc = _known(model, tok, pool, 6 if quick else 8, 10 if quick else 15)
     if not all(any(q.kind == kind for q in test) for kind in KINDS):
         raise ValueError(f"the model answered too few pool questions correctly ({pool_acc}) to "
                          "measure what an edit removes; use a model that knows some answers")
@@ -148,7 +178,7 @@ def run_demo(model, tok, out="hp_fast_out/demo", quick: bool = False, n_random: 
     log(f"[2/5] captured {L} layers x {H} heads; comparing selection settings on validation")
     best, ranking, evidence = choose_setting(model, tok, acts, val, 8, log)
     agg = best[0]
-    log(f"      most specific: aggregate={best[0]}, baseline={best[1]}")
+    log(f"      most specific on validation: {_key(best)}")
     top = ranking.top(max(ks))
     log("[3/5] top heads and the tokens they write (SOMP, full vocabulary | aggregated logit lens):")
     desc = describe_heads(acts[agg], model, tok, top[:8], k=5)
@@ -165,7 +195,8 @@ def run_demo(model, tok, out="hp_fast_out/demo", quick: bool = False, n_random: 
             f"other {r['somp']['other']:.2f} | logit lens {r['logit_lens']['country']:.2f} / "
             f"{r['logit_lens']['other']:.2f} | random median {rc[1]:.2f} [{rc[0]:.2f}-{rc[2]:.2f}]"
             f" / {ro[1]:.2f} [{ro[0]:.2f}-{ro[2]:.2f}]")
-    report = {"model": acts[agg].meta["model"], "setting": {"aggregate": best[0], "baseline": best[1]},
+    report = {"model": acts[agg].meta["model"],
+              "setting": {"aggregate": best[0], "baseline": best[1], "first_layer": best[2]},
               "selection_evidence": evidence, "pool_accuracy": pool_acc, "test_base_accuracy": base,
               "results": rows, "descriptions": {f"{l}.{h}": {"somp": desc[(l, h)], "logit_lens": lens[(l, h)]}
                                                 for l, h in top[:8]},

@@ -67,7 +67,7 @@ def country_questions(min_city_population: int = 1_000_000, min_country_populati
     return sorted(set(out), key=lambda q: q.question)
 
 
-def other_questions(min_country_population: int = 5_000_000,
+def other_questions(min_country_population: int = 10_000_000,
                     kinds: tuple[str, ...] = ("capital", "continent")):
     """Questions about countries whose answers are not countries.
 
