@@ -11,6 +11,7 @@ Quick start::
         ...                                                # concept suppressed
 """
 from .adapters import get_adapter, supported_architectures
+from .batched import generate_configs
 from .capture import HeadActivations, capture
 from .concepts import builtin_concepts, concept_tokens, load_words
 from .edits import edit_heads, fold_head_gains, uniform_gains
@@ -26,5 +27,5 @@ __all__ = [
     "load_model", "capture", "HeadActivations", "somp", "somp_heads", "SOMPResult",
     "concept_tokens", "builtin_concepts", "load_words", "rank_heads", "HeadRanking",
     "describe_heads", "logit_lens_tokens", "random_control", "edit_heads", "fold_head_gains",
-    "uniform_gains", "get_adapter", "supported_architectures", "backend_info",
+    "uniform_gains", "get_adapter", "supported_architectures", "backend_info", "generate_configs",
 ]
