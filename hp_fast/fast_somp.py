@@ -36,6 +36,7 @@ index wins (the reference's exact-tie rule, made robust to rounding).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -50,9 +51,29 @@ L1_SEEDS = 8            # exact L1 scores computed first, per head, to set the p
 REFRESH_DROP = {torch.float32: 1e-1, torch.float64: 1e-6}  # residual drop that triggers a refresh;
 # with it the recurrence keeps about 1e-6 relative accuracy, well inside TIE_RTOL
 DEFAULT_MEMORY = 1 << 30  # bytes of per-step state allowed for one batch of heads
+SMALL_V = 4096  # dictionaries up to this size run the pursuit in atom space (_pursue_small)
 
 
 # --------------------------------------------------------------------------- preparation
+
+def check_heads(z: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, k: int,
+                criterion: str) -> None:
+    """``check_inputs`` for head-structured inputs (clear ValueErrors, nothing is formed)."""
+    if z.dim() != 3 or w_o.dim() != 3 or z.shape[0] != w_o.shape[0] or z.shape[2] != w_o.shape[1]:
+        raise ValueError(f"z must be (B, n, dh) and w_o (B, dh, d) with matching B and dh; got "
+                         f"z {tuple(z.shape)} and w_o {tuple(w_o.shape)}")
+    if z.shape[1] < 1:
+        raise ValueError("signals hold no samples (n=0); capture at least one prompt")
+    if dictionary.dim() == 2 and w_o.shape[2] != dictionary.shape[1]:
+        raise ValueError(f"w_o maps to d={w_o.shape[2]} but the dictionary atoms have "
+                         f"d={dictionary.shape[1]}; pass w_o as the transposed W_O slice (dh, d)")
+    check_inputs(torch.zeros(1, 1, w_o.shape[2]), dictionary, k, criterion)
+    for name, x in (("z", z), ("w_o", w_o)):
+        # one reduction instead of an elementwise isfinite pass: NaN/Inf propagate into the sum
+        if not bool(torch.isfinite(x.sum(dtype=torch.float64))):
+            raise ValueError(f"{name} contains NaN or Inf (check the captured activations / "
+                             "model dtype)")
+
 
 def _compute_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
     if dtype is None:
@@ -73,13 +94,14 @@ def signals_to_heads(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return H, eye.expand(B, d, d)
 
 
-def gram_factor(Z: torch.Tensor) -> torch.Tensor:
-    """L (B, r, rr) with L L.T = Z.T Z (rr = min(n, r)): Z.T when n <= r, else a Cholesky factor
-    (an eigen-factor for the rare rank-deficient Gram matrices)."""
+def gram_factor(Z: torch.Tensor, G: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L (B, r, rr) with L L.T = G = Z.T Z (rr = min(n, r)): Z.T when n <= r, else a Cholesky
+    factor (an eigen-factor for the rare rank-deficient Gram matrices)."""
     B, n, r = Z.shape
     if n <= r:
         return Z.transpose(1, 2)
-    G = Z.transpose(1, 2) @ Z
+    if G is None:
+        G = Z.transpose(1, 2) @ Z
     L, info = torch.linalg.cholesky_ex(G)
     bad = info != 0
     if bool(bad.any()):
@@ -109,11 +131,14 @@ def orthonormalize(x: torch.Tensor, Qt: torch.Tensor) -> tuple[torch.Tensor, tor
 
     Returns q (B, d) unit rows (0 where x lies in the span), coef (B, t) = Qt @ x, norm (B,)."""
     coef = torch.zeros(x.shape[0], Qt.shape[1], dtype=x.dtype, device=x.device)
+    QtT = Qt.transpose(1, 2)
+    x = x[:, None, :]  # row vectors: (B, 1, .) @ (B, ., .) products are the fast batched form
     for _ in range(2):
         if Qt.shape[1]:
-            c = torch.bmm(Qt, x[:, :, None])[:, :, 0]  # (B, t)
-            x = x - torch.bmm(c[:, None, :], Qt)[:, 0]
-            coef = coef + c
+            c = torch.bmm(x, QtT)  # (B, 1, t)
+            x = x - torch.bmm(c, Qt)
+            coef = coef + c[:, 0]
+    x = x[:, 0]
     nrm = x.norm(dim=1)
     q = x / nrm.clamp_min(torch.finfo(x.dtype).tiny)[:, None]
     return q, coef, nrm
@@ -219,19 +244,20 @@ def _refresh(D, frag_thr, tol, s, orth, Z, M, G, Qt, stats, F=None, FT=None):
     stats.refreshed += bi.numel()
     x = D[ji]  # (m, d)
     Qb = Qt[bi]  # (m, t, d)
+    x = x[:, None, :]
     for _ in range(2):
-        x = x - torch.bmm(torch.bmm(Qb, x[:, :, None]).transpose(1, 2), Qb)[:, 0]
-    o = x.square().sum(dim=1)
-    mvec = torch.bmm(M[bi], x[:, :, None])  # (m, r, 1)
+        x = x - torch.bmm(torch.bmm(x, Qb.transpose(1, 2)), Qb)
+    o = x.square().sum(dim=(1, 2))
+    mvec = torch.bmm(x, M[bi].transpose(1, 2))  # (m, 1, r)
     if s is not None:
-        s[bi, ji] = (mvec.transpose(1, 2) @ G[bi] @ mvec)[:, 0, 0]
+        s[bi, ji] = (mvec * torch.bmm(mvec, G[bi])).sum(dim=(1, 2))
     if F is not None:  # rows of F = D P M.T (FT = None) or of any D P FT
-        F[bi, ji] = mvec[:, :, 0] if FT is None else torch.bmm(x[:, None, :], FT[bi])[:, 0]
+        F[bi, ji] = mvec[:, 0] if FT is None else torch.bmm(x, FT[bi])[:, 0]
     dead = o <= tol[ji]
     orth[bi, ji] = torch.where(dead, torch.full_like(o, math.nan), o)
 
 
-def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
+def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None, total=None):
     """One batch of heads. Z (B, n, r), M (B, r, d), D (v, d), all in the compute dtype.
 
     Returns support (B, k), evr (B, k), Q (B, k, d), T (B, k, k)."""
@@ -240,14 +266,15 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
     dt, dev = D.dtype, D.device
     rtol = TIE_RTOL[dt]
     G = Z.transpose(1, 2) @ Z  # (B, r, r)
-    total = (G * (M @ M.transpose(1, 2))).sum(dim=(1, 2))  # ||Z M||_F^2 without forming Z M
-    MT = M.transpose(1, 2)  # (B, d, r)
-    U = MT @ gram_factor(Z)  # (B, d, rr): U U.T = M.T G M
+    if total is None:
+        total = (G * (M @ M.transpose(1, 2))).sum(dim=(1, 2))  # ||Z M||_F^2, Z M never formed
+    MT = M.transpose(1, 2).contiguous()  # (B, d, r)
+    U = MT @ gram_factor(Z, G)  # (B, d, rr): U U.T = M.T G M
     chunk = max(1 << 24, memory // 8)
     F = None
     if criterion == "l1":
         F = _init_F(D, MT, chunk)  # (B, v, r) per-head projected dictionaries D M.T
-        Lf = gram_factor(Z)
+        Lf = gram_factor(Z, G)
         s = torch.empty(B, v, dtype=dt, device=dev)
         vc = max(64, chunk // max(1, B * Lf.shape[2] * D.element_size()))
         for c0 in range(0, v, vc):  # ||F_j L||^2 = ||Z M d_j||^2, in chunks
@@ -303,8 +330,8 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
         T[:, :t, t] = coef
         T[:, t, t] = nu
         support[:, t] = torch.where(ok, p, torch.full_like(p, -1))
-        mq = torch.bmm(M, q[:, :, None])  # (B, r, 1)
-        g = torch.bmm(G, mq)  # (B, r, 1)
+        mq = torch.bmm(q[:, None, :], MT)  # (B, 1, r) = (M q).T
+        g = torch.bmm(mq, G)  # (B, 1, r) = (G M q).T
         gamma = (mq * g).sum(dim=(1, 2))  # ||Z M q||^2: energy this step explains
         explained += gamma
         evr[:, t] = torch.where(total > 0, explained / total.clamp_min(torch.finfo(dt).tiny),
@@ -316,16 +343,17 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
         if t == k - 1:
             break
         # ---- rank-one updates of s and orth: one (2B, d) @ (d, v) product for all heads
-        w = torch.bmm(MT, g)[:, :, 0]  # (B, d) = W q
+        w = torch.bmm(g, M)  # (B, 1, d) = (W q).T
         if t:
-            w = w - torch.bmm(torch.bmm(Qt, w[:, :, None]).transpose(1, 2), Qt)[:, 0]  # P_{t-1} W q
+            w = w - torch.bmm(torch.bmm(w, Qt.transpose(1, 2)), Qt)  # P_{t-1} W q
+        w = w[:, 0]
         X = torch.cat([q, 2.0 * w - gamma[:, None] * q], dim=0)  # (2B, d)
         Y = X @ D.T  # (2B, v)
         a, c = Y[:B], Y[B:]
         s.addcmul_(a, c, value=-1.0)
         orth.addcmul_(a, a, value=-1.0)
         if F is not None:
-            F.baddbmm_(a[:, :, None], mq.transpose(1, 2), alpha=-1.0)  # F -= (D q) outer (M q)
+            F.baddbmm_(a[:, :, None], mq, alpha=-1.0)  # F -= (D q) outer (M q)
         orth[rows[ok], p[ok]] = math.nan  # the chosen atom
         # the recurrence loses digits once the residual is much smaller than it was when s was
         # last exact: recompute s, orth from the rows for those heads (rare: every 100x drop)
@@ -343,6 +371,114 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None):
                 margin[hb] = L1_MARGIN * s[hb].max(dim=1, keepdim=True).values.clamp_min(0)
         _refresh(D, frag_thr, tol, s, orth, Z, M, G, Q[:, :t + 1], stats, F)
     return support, evr, Q, T
+
+
+def _pursue_small(Z, M, D, Gd, E, atom_sq, k, criterion, normalize, stats, memory, bar=None):
+    """One batch of heads for a small (concept) dictionary, entirely in atom space.
+
+    With the Gram matrix ``Gd = D D.T``, the projected dictionary ``E = D M.T (v, r)`` and the
+    stored columns ``A[t] = D q_t`` no step touches a d-dimensional vector:
+    ``coef = A[:t, p]`` (= Q d_p), ``nu^2 = ||d_p||^2 - ||coef||^2``,
+    ``a = D q = (Gd[p] - coef A) / nu``, ``M q = (E[p] - coef MQ) / nu`` with ``MQ[s] = M q_s``,
+    and ``D P W q = E G M q - A.T (MQ G M q)``; the s/o recurrences are those of ``_pursue``.
+    E (B, v, r) = D M.T is passed in. Returns support, evr, MQ (B, k, r), T (B, k, k)."""
+    B, n, r = Z.shape
+    v, d = D.shape
+    dt, dev = D.dtype, D.device
+    rtol = TIE_RTOL[dt]
+    G = Z.transpose(1, 2) @ Z
+    total = (G * (M @ M.transpose(1, 2))).sum(dim=(1, 2))
+    Lf = gram_factor(Z, G)
+    s = torch.bmm(E, Lf).square_().sum(dim=2)  # (B, v) = ||Z M d_j||^2
+    tol = SPAN_TOL * atom_sq
+    orth = atom_sq.expand(B, v).clone()
+    orth[:, atom_sq <= tol] = math.nan  # zero atoms
+    inv_sq = None
+    if normalize and criterion != "ormp":
+        inv_sq = torch.where(atom_sq > 0, 1.0 / atom_sq, torch.zeros_like(atom_sq))
+    inv_norm = inv_sq.sqrt() if (inv_sq is not None and criterion == "l1") else None
+    F = E.clone() if criterion == "l1" else None
+    margin = L1_MARGIN * s.max(dim=1, keepdim=True).values.clamp_min(0)
+    A = torch.zeros(B, k, v, dtype=dt, device=dev)
+    MQ = torch.zeros(B, k, r, dtype=dt, device=dev)
+    T = torch.zeros(B, k, k, dtype=dt, device=dev)
+    support = torch.full((B, k), -1, dtype=torch.long, device=dev)
+    evr = torch.zeros(B, k, dtype=dt, device=dev)
+    explained = torch.zeros(B, dtype=dt, device=dev)
+    ref = total.clone()
+    alive = torch.ones(B, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)
+    score = torch.empty(B, v, dtype=dt, device=dev)
+    chunk = max(1 << 24, memory // 8)
+    for t in range(k):
+        # orth holds NaN for every atom never to choose (zero, chosen, inside the span)
+        if criterion == "l2":
+            torch.mul(s, inv_sq, out=score) if inv_sq is not None else score.copy_(s)
+            score.add_(orth, alpha=0.0).nan_to_num_(nan=-math.inf)  # NaN orth -> -inf
+            p, ok = pick(score, rtol)
+        elif criterion == "ormp":
+            torch.div(s, orth, out=score).nan_to_num_(nan=-math.inf)
+            p, ok = pick(score, rtol)
+        else:
+            invalid = orth.isnan()
+            p, ok = _l1_select(F, inv_sq, inv_norm, s, margin, invalid, score, Z, n, rtol,
+                               chunk, stats)
+        ok &= alive
+        alive = ok
+        if not bool(ok.any()):
+            evr[:, t:] = evr[:, t - 1:t] if t > 0 else 0.0
+            break
+        At, MQt = A[:, :t], MQ[:, :t]
+        coef = A[rows, :t, p] if t else torch.zeros(B, 0, dtype=dt, device=dev)  # (B, t) = Q d_p
+        nu = (atom_sq[p] - coef.square().sum(dim=1)).clamp_min(0).sqrt()
+        inv_nu = torch.where(ok & (nu > 0), 1.0 / nu.clamp_min(torch.finfo(dt).tiny),
+                             torch.zeros_like(nu))[:, None]
+        a = Gd[p]  # (B, v)
+        mq = E[rows, p]  # (B, r)
+        if t:
+            a = a - torch.bmm(coef[:, None, :], At)[:, 0]
+            mq = mq - torch.bmm(coef[:, None, :], MQt)[:, 0]
+        a = a * inv_nu  # D q
+        mq = mq * inv_nu  # M q
+        A[:, t] = a
+        MQ[:, t] = mq
+        T[:, :t, t] = coef
+        T[:, t, t] = nu * ok
+        support[:, t] = torch.where(ok, p, torch.full_like(p, -1))
+        g = torch.bmm(mq[:, None, :], G)  # (B, 1, r)
+        gamma = (mq[:, None, :] * g).sum(dim=(1, 2))
+        explained += gamma
+        evr[:, t] = torch.where(total > 0, explained / total.clamp_min(torch.finfo(dt).tiny),
+                                torch.zeros_like(total)).clamp(max=1.0)
+        if t > 0:
+            evr[:, t] = torch.where(ok, evr[:, t], evr[:, t - 1])
+        if bar is not None:
+            bar.update(B)
+        if t == k - 1:
+            break
+        b = torch.bmm(E, g.transpose(1, 2))[:, :, 0]  # (B, v) = D W q
+        if t:
+            h = torch.bmm(g, MQt.transpose(1, 2))  # (B, 1, t) = Q W q
+            b = b - torch.bmm(h, At)[:, 0]  # D P_{t-1} W q
+        c = 2.0 * b - gamma[:, None] * a
+        s.addcmul_(a, c, value=-1.0)
+        orth.addcmul_(a, a, value=-1.0)
+        if F is not None:
+            F.addcmul_(a[:, :, None], mq[:, None, :], value=-1.0)
+        orth.scatter_(1, p[:, None], math.nan)  # the chosen atom
+        orth.masked_fill_(orth <= tol, math.nan)  # inside the span: retired for good
+        residual = total - explained
+        stale = (residual < REFRESH_DROP[dt] * ref) & ok
+        if bool(stale.any()):  # recompute s (and F) from E, A, MQ for those heads
+            hb = stale.nonzero()[:, 0]
+            Fh = E[hb] - torch.bmm(A[hb, :t + 1].transpose(1, 2), MQ[hb, :t + 1])  # (h, v, r)
+            s[hb] = torch.bmm(Fh, Lf[hb]).square_().sum(dim=2)
+            if F is not None:
+                F[hb] = Fh
+                margin[hb] = L1_MARGIN * s[hb].max(dim=1, keepdim=True).values.clamp_min(0)
+            ref[hb] = residual[hb]
+            stats.full_refresh += hb.numel()
+    return support, evr, MQ, T
 
 
 def _l1_select(F, inv_sq, inv_norm, s, margin, invalid, ub, Z, n, rtol, chunk, stats):
@@ -400,16 +536,7 @@ def somp_heads_torch(z: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tenso
     memory / 8)``. Extra peak memory is therefore about ``1.25 * memory`` plus the fp32 copy of
     the dictionary when it is given in another dtype, plus ``Q`` (``B * k * d`` floats).
     """
-    if z.dim() != 3 or w_o.dim() != 3 or z.shape[0] != w_o.shape[0] or z.shape[2] != w_o.shape[1]:
-        raise ValueError(f"z must be (B, n, dh) and w_o (B, dh, d) with matching B and dh; got "
-                         f"z {tuple(z.shape)} and w_o {tuple(w_o.shape)}")
-    if w_o.shape[2] != dictionary.shape[1]:
-        raise ValueError(f"w_o maps to d={w_o.shape[2]} but the dictionary atoms have "
-                         f"d={dictionary.shape[1]}; pass w_o as the transposed W_O slice (dh, d)")
-    check_inputs(torch.zeros(1, z.shape[1], dictionary.shape[1]), dictionary, k, criterion)
-    for name, x in (("z", z), ("w_o", w_o)):
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or Inf")
+    check_heads(z, w_o, dictionary, k, criterion)
     dt = _compute_dtype(dtype)
     dev = dictionary.device
     Z = z.detach().to(dev, dt)
@@ -418,6 +545,21 @@ def somp_heads_torch(z: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tenso
     M = w_o.detach().to(dev, dt)
     return _run(Z, M, dictionary.detach().to(dev, dt), k, criterion, normalize, memory, progress,
                 stats, _want_factors)
+
+
+@contextlib.contextmanager
+def _one_thread(device):
+    """The atom-space steps are many tiny ops: on the CPU one thread beats two (no fork/join
+    per op, and no stalls when the cores are shared)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run(Z, M, D, k, criterion, normalize, memory, progress, stats, want_factors):
@@ -430,15 +572,25 @@ def _run(Z, M, D, k, criterion, normalize, memory, progress, stats, want_factors
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=B * k, desc=f"somp {criterion} ({B} heads)", unit="head-step")
-    sups, evrs, Qs, Ts = [], [], [], []
+    small = v <= SMALL_V
+    Gd = D @ D.T if small else None  # (v, v) Gram matrix of a small (concept) dictionary
+    sups, evrs, MQs, Ts = [], [], [], []
     for b0 in range(0, B, hb):
         sl = slice(b0, min(B, b0 + hb))
-        sup, ev, Q, T = _pursue(Z[sl], M[sl], D, atom_sq, k, criterion, normalize, st, memory, bar)
+        if small:
+            E = _init_F(D, M[sl].transpose(1, 2), 1 << 26)  # (b, v, r) = D M.T, one product
+            with _one_thread(D.device):
+                sup, ev, MQ, T = _pursue_small(Z[sl], M[sl], D, Gd, E, atom_sq, k, criterion,
+                                               normalize, st, memory, bar)
+            del E
+        else:
+            sup, ev, Q, T = _pursue(Z[sl], M[sl], D, atom_sq, k, criterion, normalize, st, memory,
+                                    bar)
+            MQ = torch.bmm(Q, M[sl].transpose(1, 2)) if want_factors else None  # rows M q_t
         sups.append(sup)
         evrs.append(ev)
-        if want_factors:
-            Qs.append(Q)
-            Ts.append(T)
+        MQs.append(MQ)
+        Ts.append(T)
     if bar is not None:
         bar.close()
     if stats is not None:
@@ -447,7 +599,7 @@ def _run(Z, M, D, k, criterion, normalize, memory, progress, stats, want_factors
     res = SOMPResult(support=torch.cat(sups), evr=torch.cat(evrs), criterion=criterion,
                      backend="torch")
     if want_factors:
-        return res, torch.cat(Qs), torch.cat(Ts)
+        return res, torch.cat(MQs), torch.cat(Ts)
     return res
 
 
@@ -465,11 +617,11 @@ def somp_torch(signals: torch.Tensor, dictionary: torch.Tensor, k: int, *, crite
     if center:
         H = H - H.mean(dim=1, keepdim=True)
     Z, M = signals_to_heads(H)
-    res, Q, T = _run(Z, M, dictionary.detach().to(dev, dt), k, criterion, normalize, memory,
-                     False, stats, True)
+    res, MQ, T = _run(Z, M, dictionary.detach().to(dev, dt), k, criterion, normalize, memory,
+                      False, stats, True)
     coef = None
     if return_coefficients:
-        HQ = torch.bmm(Z, torch.bmm(M, Q.transpose(1, 2)))  # (B, n, k) = H Q.T
+        HQ = torch.bmm(Z, MQ.transpose(1, 2))  # (B, n, k) = H Q.T
         coef = coefficients_from(HQ, T, res.support).reshape(*lead, n, k)
     return SOMPResult(support=res.support.reshape(*lead, k), evr=res.evr.reshape(*lead, k),
                       coefficients=coef, criterion=criterion, backend="torch")

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from .fast_somp import check_heads
 from .somp import SOMPResult, check_inputs, somp_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -82,12 +83,9 @@ def somp_heads(z: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, k: 
     head) stays under 1 GiB. The triton backend keeps ``F`` or ``K`` (``v*dh`` floats per head)
     for a batch of heads sized to 2 GiB. ``progress=True`` shows a tqdm bar over head-steps.
     """
-    if z.dim() != 3 or w_o.dim() != 3 or z.shape[0] != w_o.shape[0] or z.shape[2] != w_o.shape[1]:
-        raise ValueError(f"z must be (B, n, dh) and w_o (B, dh, d) with matching B and dh; got "
-                         f"z {tuple(z.shape)} and w_o {tuple(w_o.shape)}")
-    check_inputs(torch.zeros(1, z.shape[1], w_o.shape[2]), dictionary, k, criterion)
+    check_heads(z, w_o, dictionary, k, criterion)
     which = resolve_backend(backend, dictionary.device)
-    if which == "reference":
+    if which == "reference":  # the ground truth: forms the signals and runs the float64 loop
         H = torch.bmm(z.detach().double().cpu(), w_o.detach().double().cpu())  # (B, n, d)
         return somp_reference(H, dictionary, k, criterion=criterion, normalize=normalize,
                               center=center)

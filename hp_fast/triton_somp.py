@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .fast_somp import (REFRESH_DROP, TIE_RTOL, FRAGILE, _Stats, _full_refresh, _init_F, _refresh,
-                        coefficients_from, gram_factor, orthonormalize, signals_to_heads)
+from .fast_somp import (FRAGILE, REFRESH_DROP, TIE_RTOL, _full_refresh, _init_F, _refresh, _Stats,
+                        check_heads, coefficients_from, gram_factor, orthonormalize,
+                        signals_to_heads)
 from .somp import SPAN_TOL, SOMPResult, check_inputs
 
 MODE = {"l1": 0, "l2": 1, "ormp": 2}
@@ -135,7 +136,7 @@ def _pursue_triton(Z, M, D, Dk, atom_sq, k, criterion, normalize, stats, chunk, 
     G = Z.transpose(1, 2) @ Z
     total = (G * (M @ M.transpose(1, 2))).sum(dim=(1, 2))
     MT = M.transpose(1, 2).contiguous()
-    U = MT @ gram_factor(Z)  # (B, d, rr)
+    U = MT @ gram_factor(Z, G)  # (B, d, rr)
     proj = MT if criterion == "l1" else U.contiguous()  # X = D P proj
     X = _init_F(D, proj, chunk).contiguous()  # (B, v, rx)
     rx = X.shape[2]
@@ -172,8 +173,8 @@ def _pursue_triton(Z, M, D, Dk, atom_sq, k, criterion, normalize, stats, chunk, 
         T[:, :t, t] = coef
         T[:, t, t] = nu
         support[:, t] = torch.where(ok, p, torch.full_like(p, -1))
-        mq = torch.bmm(M, q[:, :, None])  # (B, r, 1)
-        gamma = (mq * torch.bmm(G, mq)).sum(dim=(1, 2))
+        mq = torch.bmm(q[:, None, :], MT)  # (B, 1, r)
+        gamma = (mq * torch.bmm(mq, G)).sum(dim=(1, 2))
         explained += gamma
         evr[:, t] = torch.where(total > 0, explained / total.clamp_min(torch.finfo(dt).tiny),
                                 torch.zeros_like(total)).clamp(max=1.0)
@@ -238,13 +239,7 @@ def somp_heads_triton(z: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tens
 
     Peak extra memory: ``X`` (``v * r`` fp32 per head) and ``o`` for a batch of heads sized to
     ``memory`` bytes (2 GiB by default), plus chunks of ``memory / 8`` for the start-up product."""
-    if z.dim() != 3 or w_o.dim() != 3 or z.shape[0] != w_o.shape[0] or z.shape[2] != w_o.shape[1]:
-        raise ValueError(f"z must be (B, n, dh) and w_o (B, dh, d) with matching B and dh; got "
-                         f"z {tuple(z.shape)} and w_o {tuple(w_o.shape)}")
-    check_inputs(torch.zeros(1, z.shape[1], w_o.shape[2]), dictionary, k, criterion)
-    for name, x in (("z", z), ("w_o", w_o)):
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or Inf")
+    check_heads(z, w_o, dictionary, k, criterion)
     dev = dictionary.device
     Z = z.detach().to(dev, torch.float32)
     if center:

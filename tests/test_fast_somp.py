@@ -60,11 +60,20 @@ def check_same(ref, got, coef=False):
         assert (got.coefficients.double().cpu() - ref.coefficients).abs().max() < 1e-3 * scale
 
 
+@pytest.fixture(params=["atom_space", "dictionary_space"])
+def path(request, monkeypatch):
+    """Both torch algorithms: atom space (small dictionaries) and the D-product one (large)."""
+    import hp_fast.fast_somp as fs
+    if request.param == "dictionary_space":
+        monkeypatch.setattr(fs, "SMALL_V", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("criterion", CRITERIA)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("center", [False, True])
-def test_torch_matches_reference(case, criterion, normalize, center):
+def test_torch_matches_reference(case, criterion, normalize, center, path):
     B, n, d, v, ks, k, extra = CASES[case]
     H, D = planted(B, n, d, v, ks, seed=hash((case, criterion)) % 1000, **extra)
     ref = somp_reference(H, D, k, criterion=criterion, normalize=normalize, center=center,
@@ -76,7 +85,7 @@ def test_torch_matches_reference(case, criterion, normalize, center):
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
-def test_torch_float64_flag(criterion):
+def test_torch_float64_flag(criterion, path):
     from hp_fast.fast_somp import somp_torch
     H, D = planted(2, 8, 18, 31, 4, seed=5)
     ref = somp_reference(H, D, 4, criterion=criterion)
@@ -88,7 +97,7 @@ def test_torch_float64_flag(criterion):
 
 @pytest.mark.parametrize("criterion", CRITERIA)
 @pytest.mark.parametrize("center", [False, True])
-def test_heads_match_reference(criterion, center):
+def test_heads_match_reference(criterion, center, path):
     z, w_o, D = planted_heads(3, 9, 6, 21, 40, 4, seed=7)
     ref = somp_heads(z, w_o, D, 4, criterion=criterion, center=center, backend="reference")
     got = somp_heads(z, w_o, D, 4, criterion=criterion, center=center, backend="torch")
@@ -112,7 +121,7 @@ def test_heads_bf16_inputs_and_progress():
     check_same(ref, got)
 
 
-def test_exhausted_dictionary_pads_with_minus_one():
+def test_exhausted_dictionary_pads_with_minus_one(path):
     # 3 atoms spanning a 2-d space: after two picks nothing is left
     D = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
     H = torch.tensor([[[3.0, 1.0, 0.0], [2.0, 0.5, 0.0]]])
