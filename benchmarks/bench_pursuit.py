@@ -240,12 +240,15 @@ def run_spams(z, w_o, D, k, rate):
     X = np.asfortranarray(H.permute(2, 0, 1).reshape(Dc.shape[1], -1).double().numpy())
     Dm = np.asfortranarray(Dn.T.double().numpy())
     ind = np.arange(0, B * z.shape[1] + 1, z.shape[1], dtype=np.int32)
-    t = time.perf_counter()
-    A = spams.somp(X, Dm, ind, L=k, eps=0.0, numThreads=1)
-    t_spams = time.perf_counter() - t
-    t = time.perf_counter()
-    res = somp_heads_torch(z, w_o, Dn, k, criterion="ormp")
-    t_fast = time.perf_counter() - t
+    somp_heads_torch(z[:2], w_o[:2], Dn, k, criterion="ormp")  # warm-up (LAPACK, allocator)
+    t_spams = t_fast = float("inf")
+    for _ in range(3):  # alternate, best of 3 each: the 2 cores are shared with other work
+        t = time.perf_counter()
+        A = spams.somp(X, Dm, ind, L=k, eps=0.0, numThreads=1)
+        t_spams = min(t_spams, time.perf_counter() - t)
+        t = time.perf_counter()
+        res = somp_heads_torch(z, w_o, Dn, k, criterion="ormp")
+        t_fast = min(t_fast, time.perf_counter() - t)
     same = 0
     A = A.tocsc()
     for b in range(B):
@@ -253,7 +256,8 @@ def run_spams(z, w_o, D, k, rate):
         sel = set(np.nonzero(np.asarray(abs(cols).sum(axis=1)).ravel())[0].tolist())
         same += int(sel == set(res.support[b].tolist()) - {-1})
     print(f"[bench] ormp concept dict v=300, {B} heads: fast {t_fast:.2f} s | SPAMS somp 1 thread "
-          f"{t_spams:.2f} s | ratio {t_spams / t_fast:.1f}x | same selections {same}/{B}")
+          f"{t_spams:.2f} s (the call alone; forming H and the float64 copies not counted) | "
+          f"ratio {t_spams / t_fast:.1f}x | same selections {same}/{B}")
     return [dict(date=datetime.date.today().isoformat(), machine=machine(), device="cpu",
                  shape="SmolLM2 concept v=300", weights="", criterion="ormp", heads=B,
                  n=z.shape[1], k=k, v=300, d=D.shape[1], dh=64, backend="torch",

@@ -70,9 +70,9 @@ def check_heads(z: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, k:
     check_inputs(torch.zeros(1, 1, w_o.shape[2]), dictionary, k, criterion)
     for name, x in (("z", z), ("w_o", w_o)):
         # one reduction instead of an elementwise isfinite pass: NaN/Inf propagate into the sum
-        if not bool(torch.isfinite(x.sum(dtype=torch.float64))):
-            raise ValueError(f"{name} contains NaN or Inf (check the captured activations / "
-                             "model dtype)")
+        if not bool(torch.isfinite(x.sum())):
+            raise ValueError(f"{name} contains NaN or Inf, or values so large that they overflow "
+                             "(check the captured activations / model dtype)")
 
 
 def _compute_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -426,8 +426,7 @@ def _pursue_small(Z, M, D, Gd, E, atom_sq, k, criterion, normalize, stats, memor
         ok &= alive
         alive = ok
         if not bool(ok.any()):
-            evr[:, t:] = evr[:, t - 1:t] if t > 0 else 0.0
-            break
+            break  # evr holds per-step energies here: zeros keep the EVR flat
         At, MQt = A[:, :t], MQ[:, :t]
         coef = A[rows, :t, p] if t else torch.zeros(B, 0, dtype=dt, device=dev)  # (B, t) = Q d_p
         nu = (atom_sq[p] - coef.square().sum(dim=1)).clamp_min(0).sqrt()
@@ -446,12 +445,9 @@ def _pursue_small(Z, M, D, Gd, E, atom_sq, k, criterion, normalize, stats, memor
         T[:, t, t] = nu * ok
         support[:, t] = torch.where(ok, p, torch.full_like(p, -1))
         g = torch.bmm(mq[:, None, :], G)  # (B, 1, r)
-        gamma = (mq[:, None, :] * g).sum(dim=(1, 2))
+        gamma = (mq[:, None, :] * g).sum(dim=(1, 2))  # 0 for finished heads (mq = 0)
         explained += gamma
-        evr[:, t] = torch.where(total > 0, explained / total.clamp_min(torch.finfo(dt).tiny),
-                                torch.zeros_like(total)).clamp(max=1.0)
-        if t > 0:
-            evr[:, t] = torch.where(ok, evr[:, t], evr[:, t - 1])
+        evr[:, t] = gamma  # turned into the EVR after the loop
         if bar is not None:
             bar.update(B)
         if t == k - 1:
@@ -478,6 +474,9 @@ def _pursue_small(Z, M, D, Gd, E, atom_sq, k, criterion, normalize, stats, memor
                 margin[hb] = L1_MARGIN * s[hb].max(dim=1, keepdim=True).values.clamp_min(0)
             ref[hb] = residual[hb]
             stats.full_refresh += hb.numel()
+    evr = torch.cumsum(evr, dim=1)  # explained energy after each step (flat once finished)
+    evr = torch.where(total[:, None] > 0, evr / total.clamp_min(torch.finfo(dt).tiny)[:, None],
+                      torch.zeros_like(evr)).clamp_(max=1.0)
     return support, evr, MQ, T
 
 
