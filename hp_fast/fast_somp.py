@@ -22,10 +22,18 @@ Same conventions as the float64 reference ``hp_fast.somp`` (criteria, ``normaliz
   The start ``s_j = ||d_j M.T L||^2`` (``L L.T = Z.T Z``) is one ``D @ (M.T L)`` product,
   done in vocabulary chunks.
 * ``l2``: score ``s_j / ||d_j||^2`` (or ``s_j``); ``ormp``: score ``s_j / o_j``.
-* ``l1``: exact Cauchy-Schwarz pruning (section 7): ``sum_i |f_j . z_i| <= sqrt(n s_j)``. The
-  atoms with the best bounds seed a best exact score ``beta``; every atom whose bound reaches
-  ``beta`` gets its exact L1 score from its own dictionary row (``F_j = (d_j - (d_j Q.T) Q) M.T``,
-  then ``|F_j Z.T|_1``); all others cannot win. The answer is the full scan's answer.
+* ``l1``: the per-head projected dictionary ``F = D P M.T (v, r)`` is kept and updated by rank
+  one (``F -= (D q) outer (M q)``, section 3), and exact Cauchy-Schwarz pruning (section 7) decides
+  which rows to score: ``sum_i |F_j . z_i| <= sqrt(n s_j)``. The atoms with the best bounds seed a
+  best exact score ``beta``; every atom whose bound reaches ``beta`` gets its exact L1 score
+  ``|F_j Z.T|_1`` (gathered rows, in chunks); all others cannot win, so the answer is the full
+  scan's. The fraction of the vocabulary scored is reported in ``stats``.
+* Small dictionaries (``v <= SMALL_V``, concept lists): ``_pursue_small`` runs the same recurrences
+  in atom space with the Gram matrix ``D D.T``, ``E = D M.T`` and the stored columns ``D q_t``, so no
+  step touches a d-dimensional vector (see its docstring); its many tiny ops run on one thread.
+* The fp32 recurrence loses digits once the residual is much smaller than when ``s`` was last
+  exact: after every 10x drop of a head's residual energy its ``s``/``o`` are recomputed from the
+  rows (``REFRESH_DROP``).
 * Atoms whose ``o_j`` falls below ``1e-2 ||d_j||^2`` (near the span: duplicates, the chosen atom)
   have ``s_j`` and ``o_j`` recomputed directly from their rows, where the fp32 recurrence would lose
   digits; those found inside the span (``SPAN_TOL``) are retired for good.
@@ -42,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from .somp import CRITERIA, SPAN_TOL, SOMPResult, check_inputs
+from .somp import SPAN_TOL, SOMPResult, check_inputs
 
 TIE_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 FRAGILE = 1e-2          # o_j / ||d_j||^2 under which s_j, o_j are recomputed from the row
@@ -530,10 +538,12 @@ def somp_heads_torch(z: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tenso
 
     z (B, n, dh), w_o (B, dh, d), dictionary (v, d) on any device. Heads are processed in
     batches sized so that the per-step state, about ``48 * v`` bytes per head (the scores
-    ``s``, ``o``, the score buffer and the two rows of ``[q; .] @ D.T``), stays under ``memory``;
-    the start-up product and the L1 candidate scoring use chunks of at most ``max(16 MiB,
-    memory / 8)``. Extra peak memory is therefore about ``1.25 * memory`` plus the fp32 copy of
-    the dictionary when it is given in another dtype, plus ``Q`` (``B * k * d`` floats).
+    ``s``, ``o``, the score buffer and the two rows of ``[q; .] @ D.T``) plus ``F`` (``4 * v * r``
+    bytes per head, L1 only), stays under ``memory`` (1 GiB by default); the start-up product and
+    the L1 candidate scoring use chunks of at most ``max(16 MiB, memory / 8)``. Extra peak memory
+    is therefore about ``1.25 * memory`` plus the fp32 copy of the dictionary when it is given in
+    another dtype, plus ``Q`` (``B * k * d`` floats). Small dictionaries (``v <= 4096``) also keep
+    ``D D.T`` and, per head, ``E`` (``v * r``) and the ``D q`` columns (``k * v``).
     """
     check_heads(z, w_o, dictionary, k, criterion)
     dt = _compute_dtype(dtype)

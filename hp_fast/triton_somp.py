@@ -20,7 +20,6 @@ the start ``X = D @ (M.T or M.T L)`` is one chunked matmul.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
