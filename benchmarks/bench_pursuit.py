@@ -75,7 +75,7 @@ class PeakRSS:
 
 
 def naive_somp(H, D, k, criterion, normalize=True):
-    """Textbook SOMP (method.md section 3) in fp32 torch: full D @ R.T and a lstsq refit per step."""
+    """Textbook SOMP (method.md section 3) in fp32 torch: full D @ R.T, lstsq refit per step."""
     atom_sq = D.square().sum(1)
     inv = atom_sq.rsqrt() if normalize and criterion != "ormp" else None
     R = H.clone()
@@ -155,7 +155,8 @@ def smollm2_inputs(n, heads, seed=0):
     dh = 64
     if got is not None:
         D, WO = got
-        w_o = torch.stack([W[:, h * dh:(h + 1) * dh].T for W in WO for h in range(W.shape[1] // dh)])
+        w_o = torch.stack([W[:, h * dh:(h + 1) * dh].T
+                           for W in WO for h in range(W.shape[1] // dh)])
         src = "real SmolLM2-135M lm_head and o_proj"
     else:
         D = torch.randn(49152, 576, generator=g) / 24
@@ -205,7 +206,8 @@ def run_cpu(args):
                        naive_seconds_scaled=(round(t_naive_head * B, 1) if t_naive_head else ""),
                        naive_heads_timed=args.naive_heads,
                        ratio_to_naive=(round(t_naive_head * B / t_fast, 1) if t_naive_head else ""),
-                       naive_same_support=(f"{agree}/{args.naive_heads}" if agree is not None else ""),
+                       naive_same_support=(f"{agree}/{args.naive_heads}"
+                                           if agree is not None else ""),
                        floor_gflop=round(fl / 1e9, 1),
                        achieved_fraction=round(fl / t_fast / rate, 3),
                        gemm_gflops=round(rate / 1e9), peak_mem_mib=round(mem.bytes / 2**20),
@@ -216,7 +218,8 @@ def run_cpu(args):
             print(f"[bench] {criterion:4s} n={n:5d} heads={B}: fast {t_fast:7.2f} s | naive "
                   f"{row['naive_seconds_scaled']} s (timed {args.naive_heads} heads, scaled) | "
                   f"ratio {row['ratio_to_naive']}x | floor {row['floor_gflop']} GFLOP, "
-                  f"{row['achieved_fraction']:.1%} of GEMM rate | peak +{row['peak_mem_mib']} MiB | "
+                  f"{row['achieved_fraction']:.1%} of GEMM rate | "
+                  f"peak +{row['peak_mem_mib']} MiB | "
                   f"same support {row['naive_same_support']} | L1 visited {row['l1_visited']}",
                   flush=True)
     if args.spams:
@@ -271,7 +274,8 @@ def run_gpu(args):
     from hp_fast.triton_somp import somp_heads_triton
     rows = []
     rate = gemm_rate("cuda")
-    shapes = {"Mistral-7B": (1024, 4096, 128, 32000, 1000), "Llama-3-70B": (5120, 8192, 128, 128256, 1000)}
+    shapes = {"Mistral-7B": (1024, 4096, 128, 32000, 1000),  # heads, d, dh, v, n
+              "Llama-3-70B": (5120, 8192, 128, 128256, 1000)}
     for name, (heads, d, dh, v, n) in shapes.items():
         heads = min(heads, args.gpu_heads)
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -292,17 +296,19 @@ def run_gpu(args):
                     torch.cuda.synchronize()
                     dt = time.perf_counter() - t
                 fl = floor_flops(criterion, heads, v, d, dh, n, args.k)
+                same = int(torch.equal(sup.cuda(), res.support[0].cuda()))
                 rows.append(dict(date=datetime.date.today().isoformat(),
                                  machine=torch.cuda.get_device_name(), device="cuda", shape=name,
                                  weights="random", criterion=criterion, heads=heads, n=n, k=args.k,
                                  v=v, d=d, dh=dh, backend=backend, seconds=round(dt, 2),
                                  naive_seconds_scaled=round(t_naive, 1), naive_heads_timed=1,
                                  ratio_to_naive=round(t_naive / dt, 1),
-                                 naive_same_support=f"{int(torch.equal(sup.cuda(), res.support[0]))}/1",
+                                 naive_same_support=f"{same}/1",
                                  floor_gflop=round(fl / 1e9, 1),
                                  achieved_fraction=round(fl / dt / rate, 3),
-                                 gemm_gflops=round(rate / 1e9), peak_mem_mib=round(mem.bytes / 2**20),
-                                 l1_visited="", final_evr_mean=round(float(res.evr[:, -1].mean()), 4)))
+                                 gemm_gflops=round(rate / 1e9),
+                                 peak_mem_mib=round(mem.bytes / 2**20), l1_visited="",
+                                 final_evr_mean=round(float(res.evr[:, -1].mean()), 4)))
                 print(f"[bench] {name} {criterion} {backend}: {dt:.2f} s, naive {t_naive:.1f} s "
                       f"(1 head scaled), ratio {t_naive / dt:.1f}x", flush=True)
     return rows
@@ -325,7 +331,8 @@ def write(rows, device):
             f.write(f"| {r['date']} | {r['machine']} | {r['shape']} | {r['criterion']} | "
                     f"{r['heads']} | {r['n']} | {r['backend']} | {r['seconds']} | "
                     f"{r['naive_seconds_scaled']} | {r['ratio_to_naive']} | "
-                    f"{r['achieved_fraction']} | {r['peak_mem_mib']} | {r['naive_same_support']} |\n")
+                    f"{r['achieved_fraction']} | {r['peak_mem_mib']} | "
+                    f"{r['naive_same_support']} |\n")
     print(f"[bench] wrote {path} and appended {len(rows)} rows to {md}")
 
 

@@ -15,7 +15,8 @@ Same conventions as the float64 reference ``hp_fast.somp`` (criteria, ``normaliz
   ``s_j = ||Z M P d_j||^2`` (the L2 score before normalization; ``P`` projects out the support)
   and ``o_j = ||P d_j||^2`` (the part of the atom outside the span). A new support vector
   ``q`` changes them by
-  ``o_j -= a_j^2`` and ``s_j -= a_j * c_j`` with ``a = D q`` and ``c = D (2 P W q - ||Z M q||^2 q)``,
+  ``o_j -= a_j^2`` and ``s_j -= a_j * c_j`` with ``a = D q`` and
+  ``c = D (2 P W q - ||Z M q||^2 q)``,
   ``W = M.T Z.T Z M`` (fast-pursuit.md section 4, in dictionary space). For a batch of ``B`` heads
   both columns come from ONE matrix product ``[q ; 2PWq - g q] (2B, d) @ D.T``, so the
   dictionary is read once per step for all heads and the cost per step is independent of ``n``.
@@ -29,8 +30,8 @@ Same conventions as the float64 reference ``hp_fast.somp`` (criteria, ``normaliz
   ``|F_j Z.T|_1`` (gathered rows, in chunks); all others cannot win, so the answer is the full
   scan's. The fraction of the vocabulary scored is reported in ``stats``.
 * Small dictionaries (``v <= SMALL_V``, concept lists): ``_pursue_small`` runs the same recurrences
-  in atom space with the Gram matrix ``D D.T``, ``E = D M.T`` and the stored columns ``D q_t``, so no
-  step touches a d-dimensional vector (see its docstring); its many tiny ops run on one thread.
+  in atom space with the Gram matrix ``D D.T``, ``E = D M.T`` and the stored columns ``D q_t``, so
+  no step touches a d-dimensional vector (see its docstring); its many tiny ops run on one thread.
 * The fp32 recurrence loses digits once the residual is much smaller than when ``s`` was last
   exact: after every 10x drop of a head's residual energy its ``s``/``o`` are recomputed from the
   rows (``REFRESH_DROP``).
@@ -93,7 +94,8 @@ def _compute_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
 
 
 def signals_to_heads(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factor raw signals H (B, n, d) as Z (B, n, r) @ M (B, r, d), r = min(n, d), M orthonormal rows."""
+    """Factor raw signals H (B, n, d) as Z (B, n, r) @ M (B, r, d), r = min(n, d), M with
+    orthonormal rows."""
     B, n, d = H.shape
     if n < d:
         Qh, Rh = torch.linalg.qr(H.transpose(1, 2))  # Qh (B, d, n), Rh (B, n, n)
@@ -126,7 +128,8 @@ def head_batch_size(v: int, n: int, d: int, r: int, k: int, memory: int, l1: boo
 
 
 def pick(score: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """score (B, m) with -inf for invalid -> (index of the lowest near-best entry (B,), any valid (B,))."""
+    """score (B, m), -inf where invalid -> (index of the lowest near-best entry (B,),
+    whether any entry is valid (B,))."""
     best = score.max(dim=1, keepdim=True).values
     ok = torch.isfinite(best[:, 0])
     thr = best - rtol * best.abs()
@@ -134,7 +137,8 @@ def pick(score: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, ok
 
 
-def orthonormalize(x: torch.Tensor, Qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def orthonormalize(x: torch.Tensor, Qt: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gram-Schmidt of rows x (B, d) against orthonormal Qt (B, t, d), twice (re-orthogonalization).
 
     Returns q (B, d) unit rows (0 where x lies in the span), coef (B, t) = Qt @ x, norm (B,)."""
@@ -204,7 +208,8 @@ def _init_F(D, MT, chunk_bytes):
 
 
 def _l1_exact(F, inv_norm, idx, Z, chunk_bytes):
-    """Exact L1 scores of atoms idx (B, m) per head from F (B, v, r): sum_i |F_j . z_i| (normalized)."""
+    """Exact L1 scores of atoms idx (B, m) per head from F (B, v, r): sum_i |F_j . z_i|,
+    normalized."""
     B, m = idx.shape
     n, r = Z.shape[1], Z.shape[2]
     out = torch.empty(B, m, dtype=F.dtype, device=F.device)
@@ -245,7 +250,8 @@ def _full_refresh(D, U, Qt, tol, chunk_bytes, MT=None, F=None):
 
 
 def _refresh(D, frag_thr, tol, s, orth, Z, M, G, Qt, stats, F=None, FT=None):
-    """Recompute s_j, o_j directly for atoms near the span (o_j < FRAGILE ||d_j||^2), retire dead ones."""
+    """Recompute s_j, o_j directly for atoms near the span (o_j < FRAGILE ||d_j||^2); retire
+    the ones inside it."""
     bi, ji = (orth < frag_thr).nonzero(as_tuple=True)  # chosen / retired atoms hold NaN
     if bi.numel() == 0:
         return

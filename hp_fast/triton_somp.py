@@ -1,7 +1,8 @@
 """Fused Triton kernels for SOMP: the ``"triton"`` backend (CUDA; the CPU under TRITON_INTERPRET=1).
 
 State per head (fast-pursuit.md sections 3-5), fp32:
-* ``X (v, r)``: ``F = D P M.T`` for the L1 rule, ``K = F L`` (``L L.T = Z.T Z``) for ``l2``/``ormp``;
+* ``X (v, r)``: ``F = D P M.T`` for the L1 rule, ``K = F L`` (``L L.T = Z.T Z``) for
+  ``l2``/``ormp``;
 * ``o (v,)``: ``||P d_j||^2``, NaN for atoms never to choose (chosen, zero, inside the span).
 
 Kernels (one family, this file):
@@ -39,12 +40,12 @@ def _score_kernel(X_ptr, Z_ptr, orth_ptr, tol_ptr, scale_ptr, best_ptr, arg_ptr,
                   v, n, r, n_tiles,
                   MODE: tl.constexpr, NORMALIZE: tl.constexpr,
                   BV: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: heads * v * r passes 2**31 on big models
     tile = tl.program_id(1)
     rows = tile * BV + tl.arange(0, BV)
     cols = tl.arange(0, BR)
     rmask = rows < v
-    x = tl.load(X_ptr + b * v * r + rows[:, None] * r + cols[None, :],
+    x = tl.load(X_ptr + b * v * r + rows[:, None].to(tl.int64) * r + cols[None, :],
                 mask=rmask[:, None] & (cols[None, :] < r), other=0.0).to(tl.float32)
     if MODE == 0:
         score = tl.zeros([BV], dtype=tl.float32)
@@ -83,7 +84,7 @@ def _update_kernel(D_ptr, Qn_ptr, C_ptr, X_ptr, orth_ptr, B, v, d, r,
     acc = tl.zeros([BV, BH], dtype=tl.float32)
     for d0 in range(0, d, BD):
         ds = d0 + tl.arange(0, BD)
-        dt = tl.load(D_ptr + rows[:, None] * d + ds[None, :],
+        dt = tl.load(D_ptr + rows[:, None].to(tl.int64) * d + ds[None, :],
                      mask=rmask[:, None] & (ds[None, :] < d), other=0.0).to(tl.float32)
         qt = tl.load(Qn_ptr + heads[None, :] * d + ds[:, None],
                      mask=hmask[None, :] & (ds[:, None] < d), other=0.0).to(tl.float32)
@@ -91,7 +92,7 @@ def _update_kernel(D_ptr, Qn_ptr, C_ptr, X_ptr, orth_ptr, B, v, d, r,
     cols = tl.arange(0, BR)
     hsel = tl.arange(0, BH)
     for h in tl.static_range(BH):
-        head = hb * BH + h
+        head = (hb * BH + h).to(tl.int64)
         if head < B:
             a = tl.sum(tl.where(hsel[None, :] == h, acc, 0.0), axis=1)  # (BV,) column h
             c = tl.load(C_ptr + head * r + cols, mask=cols < r, other=0.0)
@@ -125,7 +126,8 @@ def _select(X, Z, orth, tol, scale, mode, normalize, rtol, BV):
 
 
 def _pursue_triton(Z, M, D, Dk, atom_sq, k, criterion, normalize, stats, chunk, bar=None):
-    """One batch of heads: Z (B, n, r), M (B, r, d) fp32; D fp32 (v, d); Dk: D in its input dtype."""
+    """One batch of heads: Z (B, n, r), M (B, r, d) fp32; D fp32 (v, d); Dk: D in its own
+    dtype (what the update kernel reads)."""
     B, n, r = Z.shape
     v, d = D.shape
     dev = D.device
