@@ -158,6 +158,16 @@ def cmd_demo(args, model, tok):
     run_demo(model, tok, out=args.out, quick=args.quick, n_random=args.random_sets)
 
 
+def cmd_eval(args, model, tok):
+    from .evaluation import Setting, run_eval, set_threads
+    print(f"machine: {set_threads(args.threads)}")
+    setting = (Setting(args.aggregate or "mean", args.baseline or "random", args.criterion or "l1")
+               if (args.aggregate or args.baseline or args.criterion) else None)
+    run_eval(args.task, model, tok, args.out, ks=[int(k) for k in args.ks.split(",")] if args.ks else None,
+             n_random=args.random_sets, quick=args.quick, setting=setting, n_test=args.n_test,
+             concepts=args.concepts.split(",") if args.concepts else None)
+
+
 def cmd_info(args, model, tok):
     from .backend import backend_info
     print(json.dumps(backend_info(), indent=1))
@@ -209,13 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="hp_fast_out/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="fewer questions and heads (smoke run)")
     p.add_argument("--random-sets", type=int, default=None, help="random control sets per k")
+    p = sub.add_parser("eval", help="the paper's experiments with controls: qa | keywords | toxicity")
+    p.add_argument("task", choices=["qa", "keywords", "toxicity"])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--out", required=True, help="folder for results.json, PNGs and report.md")
+    p.add_argument("--ks", help="numbers of heads to edit, e.g. 3,8,16 (quick: 3,8)")
+    p.add_argument("--random-sets", type=int, default=10, help="random control sets per k")
+    p.add_argument("--quick", action="store_true", help="small prompt sets (smoke run)")
+    p.add_argument("--n-test", type=int, help="test questions per kind (qa) / test prompts")
+    p.add_argument("--concepts", help="keywords: subset of colors,sentiments,numbers")
+    p.add_argument("--aggregate", choices=["mean", "last"], help="fix the selection setting (qa: no search)")
+    p.add_argument("--baseline", choices=["random", "none"])
+    p.add_argument("--criterion", choices=["l1", "l2", "ormp"])
+    p.add_argument("--threads", default="auto", help="torch CPU threads (auto: 1 when the machine is loaded)")
     p = sub.add_parser("info", help="which backends are active")
     p.add_argument("--model", default=None)
     return ap
 
 
 COMMANDS = {"capture": cmd_capture, "rank": cmd_rank, "describe": cmd_describe,
-            "generate": cmd_generate, "demo": cmd_demo, "info": cmd_info}
+            "generate": cmd_generate, "demo": cmd_demo, "eval": cmd_eval, "info": cmd_info}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,269 @@
+"""results.json, PNG plots and report.md for one task, next to the paper's numbers (method.md §6)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..plots import edit_curves, heatmap
+
+PAPER = {
+    "qa": ("Mistral-7B-Instruct, TriviaQA, concept countries: inverting 8 heads (0.8 %) or more "
+           "clearly drops F1 on country questions, other questions drop more slowly, random heads "
+           "have no significant effect, Logit-Lens heads hurt both alike (not specific). "
+           "Bar set by the issue for this model: with <= 3 % of heads inverted, country F1 <= 0.5 "
+           "of base, other F1 >= 0.8, random medians >= 0.9 on both."),
+    "keywords": {"inhibition": {"colors": 0.18, "sentiments": 0.10, "numbers": 0.10},
+                 "text": ("LLaVA-NeXT-7B, Flickr30k captions, 16 heads at alpha=-1: keyword counts "
+                          "fall to 0.18 (colors), 0.10 (sentiments), 0.10 (quantity) of the original "
+                          "with CIDEr >= 0.8 of the original; alpha=5 on 32 heads raises the counts "
+                          "1.6x to 4.6x.")},
+    "toxicity": {"text": ("Mistral-7B-Instruct, heads from an incomplete toxic word list; normalized "
+                          "count of toxic generations, SOMP / Logit Lens / random median."),
+                 "rows": {8: {"RTP": (0.83, 0.91, 1.02), "TET": (0.83, 0.81, 0.97)},
+                          16: {"RTP": (0.67, 0.79, 1.00), "TET": (0.68, 0.73, 0.95)},
+                          32: {"RTP": (0.66, 0.71, 1.13), "TET": (0.49, 0.68, 0.95)}}},
+}
+
+
+def _f(x, nd: int = 2) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def _iqr(q) -> str:
+    return f"{_f(q[1])} [{_f(q[0])}-{_f(q[2])}]"
+
+
+def _curves(rows, metrics: dict[str, str], path, title, alpha=None, ylabel="metric / unedited"):
+    """SOMP, Logit Lens and random median (IQR band) vs k for each metric key (label)."""
+    rows = [r for r in rows if alpha is None or r.get("alpha", -1.0) == alpha]
+    ks = [r["k"] for r in rows]
+    series, bands = {}, {}
+    for key, label in metrics.items():
+        series[f"SOMP: {label}"] = [r["somp"][key] for r in rows]
+        series[f"logit lens: {label}"] = [r["logit_lens"][key] for r in rows]
+        series[f"random: {label}"] = [r["random"][key][1] for r in rows]
+        bands[f"random: {label}"] = ([r["random"][key][0] for r in rows], [r["random"][key][2] for r in rows])
+    return edit_curves(ks, series, path, bands=bands, title=title, ylabel=ylabel)
+
+
+def _heat(ranking, ks, path, title):
+    return heatmap(ranking.scores, path, marked=ranking.top(max(ks)), title=title)
+
+
+def _verdict(somp: float, rand_q, other: float | None = None, lower_is_effect: bool = True) -> str:
+    """'specific' when SOMP moves the target past the random IQR (and past the other metric)."""
+    if any(isinstance(x, float) and math.isnan(x) for x in (somp, rand_q[0])):
+        return "n/a"
+    beyond = somp < rand_q[0] if lower_is_effect else somp > rand_q[2]
+    if other is not None:
+        beyond = beyond and somp < other
+    return "yes" if beyond else "no"
+
+
+def _descriptions(lines, descs, concept_column=False):
+    head = "| head | score | SOMP top tokens (full vocabulary) | aggregated Logit Lens |"
+    sep = "|---|---|---|---|"
+    if concept_column:
+        head += " SOMP atoms (concept dictionary) |"
+        sep += "---|"
+    lines += [head, sep]
+    for d in descs:
+        row = (f"| L{d['layer']}.H{d['head']} | {d['score']:+.3f} | {', '.join(map(repr, d['somp']))} | "
+               f"{', '.join(map(repr, d['logit_lens']))} |")
+        if concept_column:
+            row += f" {', '.join(map(repr, d.get('somp_concept', [])))} |"
+        lines.append(row)
+    lines.append("")
+
+
+def _header(results, title) -> list[str]:
+    m = results["machine"]
+    model = results["model"]
+    return [f"# {title}", "",
+            f"Model: {model.get('model_type')} {model.get('num_layers')} layers x {model.get('num_heads')} "
+            f"heads ({model.get('num_layers', 0) * model.get('num_heads', 0)} heads), vocab "
+            f"{model.get('vocab_size')}. Selection setting: `{results['setting_key']}`. "
+            f"Random controls: {results['n_random']} sets per k, same per-layer counts as the SOMP "
+            f"set and disjoint from it; median [IQR]. All metrics are divided by the unedited "
+            f"model's on the same prompts. Run: {results['seconds']:.0f} s, torch threads "
+            f"{m['torch_threads']}, load average at the end {m['load_avg_1_5_15']} on {m['cores']} "
+            f"cores, {m['time']}{' (quick run)' if results.get('quick') else ''}.", ""]
+
+
+def _qa(out: Path, results, rankings) -> list[str]:
+    rows = results["rows"]
+    L = results["num_layers"]
+    _curves(rows, {"country_f1": "country Qs", "other_f1": "other Qs"}, out / "f1_vs_k.png",
+            "countries heads inverted: SQuAD F1 / unedited (random: median, IQR)", ylabel="F1 / unedited")
+    _curves(rows, {"country_em": "country Qs", "other_em": "other Qs"}, out / "em_vs_k.png",
+            "countries heads inverted: exact match / unedited", ylabel="EM / unedited")
+    _heat(rankings["qa"], results["ks"], out / "heads.png",
+          f"countries: SOMP scores ({results['setting_key']}); boxes: top {max(results['ks'])}")
+    b = results["test_base"]
+    lines = _header(results, "hp-fast eval qa: inverting country heads")
+    lines += ["## Outcome", "", f"**{results['target_check']['summary']}**", "",
+              f"Test questions the unedited model answers correctly: {results['n_test']} "
+              f"(validation {results['n_val']}); unedited pool accuracy {results['pool_accuracy']}. "
+              f"Unedited test F1: country {_f(b['country_f1'])}, other {_f(b['other_f1'])}; "
+              f"EM: country {_f(b['country_em'])}, other {_f(b['other_em'])}; containment accuracy: "
+              f"country {_f(b['country_acc'])}, other {_f(b['other_acc'])} (EM and F1 fall below it "
+              "when the answer comes inside a sentence).", "",
+              "## Results (gain -1) next to the paper", "", f"Paper: {PAPER['qa']}", "",
+              "| k | % heads | metric | SOMP country | SOMP other | LL country | LL other | random country | random other | specific? |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for m in ("f1", "em"):
+            c, o = f"country_{m}", f"other_{m}"
+            lines.append(f"| {r['k']} | {r['percent_heads']} | {m.upper()} | {_f(r['somp'][c])} | "
+                         f"{_f(r['somp'][o])} | {_f(r['logit_lens'][c])} | {_f(r['logit_lens'][o])} | "
+                         f"{_iqr(r['random'][c])} | {_iqr(r['random'][o])} | "
+                         f"{_verdict(r['somp'][c], r['random'][c], r['somp'][o])} |")
+    lines += ["", "\"specific?\": SOMP's country score is below its other-question score and below "
+              "the random sets' lower quartile.", "",
+              "| F1 vs k | EM vs k | SOMP scores (boxes: selected) |", "|---|---|---|",
+              "| ![](f1_vs_k.png) | ![](em_vs_k.png) | ![](heads.png) |", "",
+              f"## What was tried (validation, top {results['k_probe']} inverted, containment accuracy / unedited)", "",
+              "| setting | country | other | specificity (other - country) | layers of the top heads |",
+              "|---|---|---|---|---|"]
+    for key, ev in sorted(results["settings_tried"].items(), key=lambda kv: -kv[1]["specificity"]):
+        mark = " **(chosen)**" if key == results["setting_key"] else ""
+        lines.append(f"| {key}{mark} | {_f(ev['country'])} | {_f(ev['other'])} | "
+                     f"{_f(ev['specificity'])} | {ev['layers_of_top']} |")
+    if not results["settings_tried"]:
+        lines.append("| (setting given on the command line; no search) | | | | |")
+    lines += ["", "The k dimension is the table above (k = " + ", ".join(map(str, results["ks"])) + ").", "",
+              "## Selected heads: what they write (paper's Tables 1 and 6)", ""]
+    _descriptions(lines, results["descriptions"])
+    lines += [f"## Sample answers (k = {results['samples'][0]['k'] if results['samples'] else '-'})", "",
+              "| question | gold | unedited | SOMP | Logit Lens | random set 0 |", "|---|---|---|---|---|---|"]
+    for s in results["samples"]:
+        lines.append(f"| {s['question']} | {s['gold'][0]} | {s['unedited']} | {s['somp']} | "
+                     f"{s['logit_lens']} | {s['random0']} |")
+    return lines
+
+
+def _keywords(out: Path, results, rankings) -> list[str]:
+    lines = _header(results, "hp-fast eval keywords: concept words in free generation")
+    lines += [f"Prompts: \"{results['prompt']}\" over {results['n_select']} selection objects (head "
+              f"outputs) and {results['n_test']} disjoint test objects (generations, greedy, "
+              f"{results['max_new_tokens']} new tokens). Keyword counts: whole words of the concept "
+              "list (all / selection part / held-out part) per generation. Quality: BLEU-4 (+1 "
+              "smoothing), ROUGE-L and CIDEr-D of the edited generation against the unedited one; "
+              "perplexity of the edited text under the unedited model (x unedited).", "",
+              f"Paper: {PAPER['keywords']['text']}", ""]
+    for concept, res in results["concepts"].items():
+        rows = res["rows"]
+        pre = out / concept
+        _curves(rows, {"keywords": "all words", "keywords_held_out": "held-out words"},
+                Path(f"{pre}_inhibition.png"), f"{concept}: gain -1, keywords / unedited", alpha=-1.0)
+        _curves(rows, {"keywords": "all words", "keywords_held_out": "held-out words"},
+                Path(f"{pre}_enhancement.png"), f"{concept}: gain 5, keywords / unedited", alpha=5.0)
+        sweep = res["gain_sweep"]
+        alphas = sorted({g["alpha"] for g in sweep})
+        series = {}
+        for k in sorted({g["k"] for g in sweep}):
+            by_a = {g["alpha"]: g for g in sweep if g["k"] == k}
+            series[f"k={k} keywords"] = [by_a[a]["somp"]["keywords"] for a in alphas]
+            series[f"k={k} BLEU vs unedited"] = [by_a[a]["somp"]["bleu"] for a in alphas]
+        edit_curves(alphas, series, Path(f"{pre}_alpha_sweep.png"), xlabel="gain alpha",
+                    ylabel="SOMP heads: metric / unedited", title=f"{concept}: gain sweep of the SOMP heads")
+        _heat(rankings[concept], results["ks"], Path(f"{pre}_heads.png"),
+              f"{concept} (selection words): SOMP scores; boxes: top {max(results['ks'])}")
+        b = res["base"]
+        paper = PAPER["keywords"]["inhibition"].get(concept)
+        lines += [f"## {concept}", "",
+                  f"{res['n_words']} words, {res['selection_words']} for selection, "
+                  f"{len(res['held_out_words'])} held out ({', '.join(res['held_out_words'][:12])}"
+                  f"{', ...' if len(res['held_out_words']) > 12 else ''}). Unedited: "
+                  f"{_f(b['keywords'])} keywords per generation ({_f(b['keywords_held_out'])} held-out), "
+                  f"{_f(b['words'], 1)} words, perplexity {_f(res['base_perplexity'])}.", "",
+                  f"| alpha | k | % heads | SOMP keywords | SOMP held-out | LL keywords | random keywords | "
+                  f"random held-out | SOMP BLEU | SOMP ROUGE-L | SOMP CIDEr-D | SOMP ppl | LL BLEU | LL ppl | "
+                  f"random BLEU | beyond random? | paper |",
+                  "|" + "---|" * 17]
+        for r in rows:
+            s, ll, rd = r["somp"], r["logit_lens"], r["random"]
+            up = r["alpha"] > 1
+            pp = (f"{paper} (16 heads)" if (paper is not None and not up) else
+                  "1.6x-4.6x (32 heads)" if up else "")
+            lines.append(
+                f"| {r['alpha']:g} | {r['k']} | {r['percent_heads']} | {_f(s['keywords'])} | "
+                f"{_f(s['keywords_held_out'])} | {_f(ll['keywords'])} | {_iqr(rd['keywords'])} | "
+                f"{_iqr(rd['keywords_held_out'])} | {_f(s['bleu'])} | {_f(s['rouge_l'])} | "
+                f"{_f(s['cider_d'])} | {_f(r['perplexity']['somp'])} | {_f(ll['bleu'])} | "
+                f"{_f(r['perplexity']['logit_lens'])} | {_iqr(rd['bleu'])} | "
+                f"{_verdict(s['keywords'], rd['keywords'], lower_is_effect=not up)} | {pp} |")
+        lines += ["", "Gain sweep of the SOMP heads (keywords / unedited, BLEU vs unedited, perplexity x):", "",
+                  "| k | " + " | ".join(f"alpha={a:g}" for a in alphas) + " |",
+                  "|---|" + "---|" * len(alphas)]
+        for k in sorted({g["k"] for g in sweep}):
+            by_a = {g["alpha"]: g for g in sweep if g["k"] == k}
+            lines.append(f"| {k} | " + " | ".join(
+                f"{_f(by_a[a]['somp']['keywords'])} / {_f(by_a[a]['somp']['bleu'])} / "
+                f"{_f(by_a[a]['perplexity'])}" for a in alphas) + " |")
+        lines += ["", f"| gain -1 vs k | gain 5 vs k | gain sweep | SOMP scores |", "|---|---|---|---|",
+                  f"| ![]({concept}_inhibition.png) | ![]({concept}_enhancement.png) | "
+                  f"![]({concept}_alpha_sweep.png) | ![]({concept}_heads.png) |", "",
+                  f"Selected heads ({concept}):", ""]
+        _descriptions(lines, res["descriptions"], concept_column=True)
+        lines += ["Samples:", ""]
+        for smp in res["samples"]:
+            lines.append(f"- **{smp['prompt']}**")
+            for key, text in smp.items():
+                if key != "prompt":
+                    lines.append(f"  - {key}: {text}")
+        lines.append("")
+    return lines
+
+
+def _toxicity(out: Path, results, rankings) -> list[str]:
+    rows = results["rows"]
+    _curves(rows, {"flagged": "flagged", "held_out_word_rate": "held-out toxic word"},
+            out / "toxicity_vs_k.png", "toxic heads inverted: rate / unedited (random: median, IQR)",
+            ylabel="rate / unedited")
+    _heat(rankings["toxic"], results["ks"], out / "heads.png",
+          f"toxic (selection words): SOMP scores; boxes: top {max(results['ks'])}")
+    b = results["base"]
+    paper = PAPER["toxicity"]["rows"]
+    lines = _header(results, "hp-fast eval toxicity: inverting heads found from an incomplete toxic word list")
+    lines += [f"{results['n_select']} selection prompts, {results['n_test']} test prompts (greedy, "
+              f"{results['max_new_tokens']} new tokens); {results['selection_words']} toxic words for "
+              f"selection, {len(results['held_out_words'])} held out "
+              f"({', '.join(results['held_out_words'])}). Unedited: {_f(b['flagged'])} of generations "
+              f"flagged by profanity_check, {_f(b['held_out_word_rate'])} contain a held-out word, "
+              f"{_f(b['toxic_word_rate'])} any listed word; perplexity {_f(results['base_perplexity'])}.", "",
+              f"Paper: {PAPER['toxicity']['text']}", "",
+              "| k | % heads | SOMP flagged | LL flagged | random flagged | SOMP held-out word rate | "
+              "LL held-out | random held-out | SOMP BLEU | SOMP ppl | LL ppl | beyond random? | "
+              "paper RTP S/LL/R | paper TET S/LL/R |", "|" + "---|" * 14]
+    for r in rows:
+        s, ll, rd = r["somp"], r["logit_lens"], r["random"]
+        p = paper.get(r["k"], {})
+        fmt = lambda t: " / ".join(f"{x:.2f}" for x in t) if t else ""
+        lines.append(f"| {r['k']} | {r['percent_heads']} | {_f(s['flagged'])} | {_f(ll['flagged'])} | "
+                     f"{_iqr(rd['flagged'])} | {_f(s['held_out_word_rate'])} | {_f(ll['held_out_word_rate'])} | "
+                     f"{_iqr(rd['held_out_word_rate'])} | {_f(s['bleu'])} | {_f(r['perplexity']['somp'])} | "
+                     f"{_f(r['perplexity']['logit_lens'])} | {_verdict(s['flagged'], rd['flagged'])} | "
+                     f"{fmt(p.get('RTP'))} | {fmt(p.get('TET'))} |")
+    lines += ["", "| rates vs k | SOMP scores (boxes: selected) |", "|---|---|",
+              "| ![](toxicity_vs_k.png) | ![](heads.png) |", "", "## Selected heads", ""]
+    _descriptions(lines, results["descriptions"])
+    lines += ["## Samples", ""]
+    for smp in results["samples"]:
+        lines.append(f"- **{smp['prompt']}**")
+        for key, text in smp.items():
+            if key != "prompt":
+                lines.append(f"  - {key}: {text}")
+    return lines
+
+
+def write_task_report(out, results: dict, rankings: dict) -> Path:
+    """Write results.json, the PNGs and report.md for ``results['task']`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    builder = {"qa": _qa, "keywords": _keywords, "toxicity": _toxicity}[results["task"]]
+    lines = builder(out, results, rankings)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
