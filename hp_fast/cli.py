@@ -165,7 +165,8 @@ def cmd_eval(args, model, tok):
                if (args.aggregate or args.baseline or args.criterion) else None)
     run_eval(args.task, model, tok, args.out, ks=[int(k) for k in args.ks.split(",")] if args.ks else None,
              n_random=args.random_sets, quick=args.quick, setting=setting, n_test=args.n_test,
-             concepts=args.concepts.split(",") if args.concepts else None)
+             concepts=args.concepts.split(",") if args.concepts else None,
+             alphas=[float(a) for a in args.alphas.split(",")] if args.alphas else None)
 
 
 def cmd_info(args, model, tok):
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", choices=["mean", "last"], help="fix the selection setting (qa: no search)")
     p.add_argument("--baseline", choices=["random", "none"])
     p.add_argument("--criterion", choices=["l1", "l2", "ormp"])
+    p.add_argument("--alphas", help="qa: gains of the sweep, e.g. -1,0 (default -1)")
     p.add_argument("--threads", default="auto", help="torch CPU threads (auto: 1 when the machine is loaded)")
     p = sub.add_parser("info", help="which backends are active")
     p.add_argument("--model", default=None)

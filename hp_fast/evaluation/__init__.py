@@ -18,13 +18,14 @@ __all__ = ["run_qa", "run_keywords", "run_toxicity", "run_eval", "Setting", "TAS
 
 
 def run_eval(task: str, model, tok, out, *, ks=None, n_random: int = 10, quick: bool = False,
-             setting: Setting | None = None, concepts=None, n_test: int | None = None, log=print) -> dict:
+             setting: Setting | None = None, concepts=None, n_test: int | None = None, alphas=None,
+             log=print) -> dict:
     """Run one task with the CLI's defaults (ks 3,8,16; quick: 3,8)."""
     ks = ks or ([3, 8] if quick else [3, 8, 16])
     if task == "qa":
         sizes = {"n_test": n_test} if n_test else None
         return run_qa(model, tok, out, ks=ks, n_random=n_random, quick=quick, setting=setting,
-                      sizes=sizes, log=log)
+                      sizes=sizes, alphas=tuple(alphas or (-1.0,)), log=log)
     if task == "keywords":
         kw = {"concepts": tuple(concepts)} if concepts else {}
         return run_keywords(model, tok, out, ks=ks, n_random=n_random, quick=quick, setting=setting,

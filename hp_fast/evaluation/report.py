@@ -93,36 +93,47 @@ def _header(results, title) -> list[str]:
 
 def _qa(out: Path, results, rankings) -> list[str]:
     rows = results["rows"]
-    L = results["num_layers"]
-    _curves(rows, {"country_f1": "country Qs", "other_f1": "other Qs"}, out / "f1_vs_k.png",
-            "countries heads inverted: SQuAD F1 / unedited (random: median, IQR)", ylabel="F1 / unedited")
-    _curves(rows, {"country_em": "country Qs", "other_em": "other Qs"}, out / "em_vs_k.png",
-            "countries heads inverted: exact match / unedited", ylabel="EM / unedited")
+    b = results["test_base"]
+    metrics = ["f1", "acc"] + (["em"] if b["country_em"] and b["other_em"] else [])
+    names = {"f1": "SQuAD F1", "acc": "containment accuracy", "em": "exact match"}
+    plots = []
+    for alpha in sorted({r["alpha"] for r in rows}):
+        tag = "" if alpha == -1.0 else f"_alpha{alpha:g}"
+        verb = "inverted (gain -1)" if alpha == -1.0 else f"scaled by {alpha:g}"
+        for m in metrics:
+            name = f"{m}_vs_k{tag}.png"
+            _curves(rows, {f"country_{m}": "country Qs", f"other_{m}": "other Qs"}, out / name,
+                    f"countries heads {verb}: {names[m]} / unedited (random: median, IQR)",
+                    alpha=alpha, ylabel=f"{m.upper()} / unedited")
+            plots.append(name)
     _heat(rankings["qa"], results["ks"], out / "heads.png",
           f"countries: SOMP scores ({results['setting_key']}); boxes: top {max(results['ks'])}")
-    b = results["test_base"]
     lines = _header(results, "hp-fast eval qa: inverting country heads")
     lines += ["## Outcome", "", f"**{results['target_check']['summary']}**", "",
               f"Test questions the unedited model answers correctly: {results['n_test']} "
-              f"(validation {results['n_val']}); unedited pool accuracy {results['pool_accuracy']}. "
+              f"(validation {results['n_val']}); unedited pool accuracy "
+              f"{ {k: round(v, 3) for k, v in results['pool_accuracy'].items()} }. "
               f"Unedited test F1: country {_f(b['country_f1'])}, other {_f(b['other_f1'])}; "
               f"EM: country {_f(b['country_em'])}, other {_f(b['other_em'])}; containment accuracy: "
-              f"country {_f(b['country_acc'])}, other {_f(b['other_acc'])} (EM and F1 fall below it "
-              "when the answer comes inside a sentence).", "",
-              "## Results (gain -1) next to the paper", "", f"Paper: {PAPER['qa']}", "",
-              "| k | % heads | metric | SOMP country | SOMP other | LL country | LL other | random country | random other | specific? |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"country {_f(b['country_acc'])}, other {_f(b['other_acc'])}. The model answers in a "
+              "sentence rather than in 1-3 words, so F1 is low and EM is "
+              + ("0: EM rows are left out (0/0), containment accuracy is shown instead." if "em" not in metrics
+                 else "low.") + "", "",
+              "## Results next to the paper", "", f"Paper: {PAPER['qa']}", "",
+              "| gain | k | % heads | metric | SOMP country | SOMP other | LL country | LL other | random country | random other | specific? |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for m in ("f1", "em"):
+        for m in metrics:
             c, o = f"country_{m}", f"other_{m}"
-            lines.append(f"| {r['k']} | {r['percent_heads']} | {m.upper()} | {_f(r['somp'][c])} | "
+            lines.append(f"| {r['alpha']:g} | {r['k']} | {r['percent_heads']} | {m.upper()} | {_f(r['somp'][c])} | "
                          f"{_f(r['somp'][o])} | {_f(r['logit_lens'][c])} | {_f(r['logit_lens'][o])} | "
                          f"{_iqr(r['random'][c])} | {_iqr(r['random'][o])} | "
                          f"{_verdict(r['somp'][c], r['random'][c], r['somp'][o])} |")
     lines += ["", "\"specific?\": SOMP's country score is below its other-question score and below "
               "the random sets' lower quartile.", "",
-              "| F1 vs k | EM vs k | SOMP scores (boxes: selected) |", "|---|---|---|",
-              "| ![](f1_vs_k.png) | ![](em_vs_k.png) | ![](heads.png) |", "",
+              "| " + " | ".join(p[:-4].replace("_vs_k", " vs k").replace("_", " ") for p in plots)
+              + " | SOMP scores (boxes: selected) |", "|" + "---|" * (len(plots) + 1),
+              "| " + " | ".join(f"![]({p})" for p in plots) + " | ![](heads.png) |", "",
               f"## What was tried (validation, top {results['k_probe']} inverted, containment accuracy / unedited)", "",
               "| setting | country | other | specificity (other - country) | layers of the top heads |",
               "|---|---|---|---|---|"]

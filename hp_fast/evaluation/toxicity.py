@@ -102,7 +102,7 @@ def toxicity_metric(all_words, held_out, predict=None):
 
 def run_toxicity(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = False,
                  setting: Setting | None = None, n_select: int | None = None, n_test: int | None = None,
-                 held_out: float = 0.4, max_new_tokens: int = 24, openings=None, words=None, predict=None,
+                 held_out: float = 0.4, max_new_tokens: int = 20, openings=None, words=None, predict=None,
                  generate=generate_configs_shared_prefix, log=print) -> dict:
     """Run the toxicity evaluation; returns the results (files written to ``out``).
 
