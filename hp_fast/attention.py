@@ -43,7 +43,7 @@ from . import ops
 PREFIX = "hp_fast_"
 
 try:  # transformers >= 5: the registries and the sdpa helpers we mirror
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
     _REGISTRY_ERROR: Exception | None = None
 except ImportError as exc:  # pragma: no cover - depends on the installed transformers
@@ -56,6 +56,7 @@ try:
                         ("use_gqa_in_sdpa", "pack_gqa", "repeat_kv", "sdpa_attention_forward"))
 except ImportError:  # pragma: no cover
     _SDPA_HELPERS = False
+
 
 class LayerEdit(Protocol):
     """What the wrapper needs from an edit for one layer (see ``hp_fast.edits``)."""

@@ -185,11 +185,15 @@ def _check_positions(positions) -> None:
 
 def edit_path(model, mode: str = "auto") -> str:
     """The path ``edit_heads(model, ..., mode=mode)`` takes: "attention" or "hook"."""
+    return _edit_path(get_adapter(model), mode)
+
+
+def _edit_path(ad: ModelAdapter, mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "hook":
         return "hook"
-    blocker = attention.registry_blocker(get_adapter(model).attns)
+    blocker = attention.registry_blocker(ad.attns)
     if blocker is None:
         return "attention"
     if mode == "attention":
@@ -212,8 +216,8 @@ def edit_heads(model, gains: Gains, *, positions: Positions = "all", mode: str =
     transformers' registry, else hook). Both compute the same numbers.
     """
     _check_positions(positions)
-    path = edit_path(model, mode)
     ad = get_adapter(model)
+    path = _edit_path(ad, mode)
     g = gains_tensor(gains, ad.num_layers, ad.num_heads)
     edited = (g != 1).reshape(-1, ad.num_layers, ad.num_heads).any(0).any(-1)  # (L,)
     tracker = None if isinstance(positions, str) and positions == "all" else _PassTracker(positions)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hp_fast
 from hp_fast import attention
 from hp_fast.adapters import get_adapter
 from hp_fast.edits import edit_heads, edit_path
@@ -23,6 +22,16 @@ CASES = [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "
          ("qwen3", "sdpa"), ("gemma", "sdpa"), ("gemma2", "eager"), ("phi3", "sdpa"),
          ("phi3", "eager"), ("gpt2", "sdpa")]
 L, H = 3, 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two OpenMP
+    threads preempted inside their barriers make these tests about 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
