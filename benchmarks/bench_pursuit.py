@@ -338,7 +338,8 @@ def write(rows, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--criteria", nargs="+", default=["l1", "l2", "ormp"])
+    ap.add_argument("--criteria", nargs="*", default=["l1", "l2", "ormp"],
+                    help="pass none with --spams to run only the SPAMS comparison")
     ap.add_argument("--ns", nargs="+", type=int, default=[200, 2000])
     ap.add_argument("--heads", type=int, default=270)
     ap.add_argument("--naive-heads", type=int, default=2)

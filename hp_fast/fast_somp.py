@@ -443,9 +443,8 @@ def _pursue_small(Z, M, D, Gd, E, atom_sq, k, criterion, normalize, stats, memor
             break  # evr holds per-step energies here: zeros keep the EVR flat
         At, MQt = A[:, :t], MQ[:, :t]
         coef = A[rows, :t, p] if t else torch.zeros(B, 0, dtype=dt, device=dev)  # (B, t) = Q d_p
-        nu = (atom_sq[p] - coef.square().sum(dim=1)).clamp_min(0).sqrt()
-        inv_nu = torch.where(ok & (nu > 0), 1.0 / nu.clamp_min(torch.finfo(dt).tiny),
-                             torch.zeros_like(nu))[:, None]
+        nu = (atom_sq[p] - coef.square().sum(dim=1)).clamp_min_(0).sqrt_()  # ||P d_p||
+        inv_nu = (ok / nu.clamp_min(torch.finfo(dt).tiny))[:, None]  # 0 for finished heads
         a = Gd[p]  # (B, v)
         mq = E[rows, p]  # (B, r)
         if t:
@@ -457,7 +456,7 @@ def _pursue_small(Z, M, D, Gd, E, atom_sq, k, criterion, normalize, stats, memor
         MQ[:, t] = mq
         T[:, :t, t] = coef
         T[:, t, t] = nu * ok
-        support[:, t] = torch.where(ok, p, torch.full_like(p, -1))
+        support[:, t] = p.masked_fill(~ok, -1)
         g = torch.bmm(mq[:, None, :], G)  # (B, 1, r)
         gamma = (mq[:, None, :] * g).sum(dim=(1, 2))  # 0 for finished heads (mq = 0)
         explained += gamma
@@ -470,7 +469,7 @@ def _pursue_small(Z, M, D, Gd, E, atom_sq, k, criterion, normalize, stats, memor
         if t:
             h = torch.bmm(g, MQt.transpose(1, 2))  # (B, 1, t) = Q W q
             b = b - torch.bmm(h, At)[:, 0]  # D P_{t-1} W q
-        c = 2.0 * b - gamma[:, None] * a
+        c = torch.addcmul(b.mul_(2.0), gamma[:, None], a, value=-1.0)  # 2b - gamma a
         s.addcmul_(a, c, value=-1.0)
         orth.addcmul_(a, a, value=-1.0)
         if F is not None:
@@ -478,7 +477,7 @@ def _pursue_small(Z, M, D, Gd, E, atom_sq, k, criterion, normalize, stats, memor
         orth.scatter_(1, p[:, None], math.nan)  # the chosen atom
         orth.masked_fill_(orth <= tol, math.nan)  # inside the span: retired for good
         residual = total - explained
-        stale = (residual < REFRESH_DROP[dt] * ref) & ok
+        stale = residual < REFRESH_DROP[dt] * ref  # finished heads have ref = residual
         if bool(stale.any()):  # recompute s (and F) from E, A, MQ for those heads
             hb = stale.nonzero()[:, 0]
             Fh = E[hb] - torch.bmm(A[hb, :t + 1].transpose(1, 2), MQ[hb, :t + 1])  # (h, v, r)
