@@ -5,8 +5,9 @@ For each concept (colors, sentiments = VADER list, numbers):
 1. The concept's word list is split: a selection part (heads are ranked with it) and a
    held-out part (only counted in the evaluation), so a drop in held-out words shows the heads
    carry the concept, not the listed tokens.
-2. Heads are ranked on the outputs of descriptive prompts ("Describe a {object} in one
-   sentence.") over selection objects; generations are evaluated on disjoint test objects.
+2. Heads are ranked on the outputs of descriptive prompts (one template per concept,
+   ``PROMPTS``, e.g. "Write a one-sentence caption for a photo of a {object}.") over selection
+   objects; generations are evaluated on disjoint test objects.
 3. At each k: SOMP, Logit Lens and random layer-matched disjoint sets at gains -1 and 5 (one
    batched generation, ``demo.sweep``); a gain sweep of the SOMP heads (0, 2, 8 next to -1, 5).
 4. Metrics per generation, averaged, divided by the unedited model's: keyword counts (all
@@ -30,6 +31,13 @@ from .prefix import generate_configs_shared_prefix
 from .protocol import Perplexity, Setting, machine_state, normalized, split_items, split_words
 
 PROMPT = "Describe {article} {object} in one sentence."
+# One descriptive template per concept, chosen so the unedited SmolLM2 uses the concept often
+# enough to measure a drop: with PROMPT alone it wrote 0.2 color words, 0.2 strong sentiment
+# words and no number words per sentence on 10 test objects; with these, on 8 test objects,
+# 0.6 color words (a caption, the paper's setting), 1.25 sentiment words, 0.5 number words.
+PROMPTS = {"colors": "Write a one-sentence caption for a photo of {article} {object}.",
+           "sentiments": "Describe how you feel about {article} {object} in one sentence.",
+           "numbers": "How big is {article} {object}? Answer in one sentence."}
 CONCEPTS = ("colors", "sentiments", "numbers")
 CONTROL_ALPHAS = (-1.0, 5.0)
 SWEEP_ALPHAS = (-1.0, 0.0, 2.0, 5.0, 8.0)
@@ -51,11 +59,12 @@ class TextItem:
 
     object: str
     reference: str = ""
+    template: str = PROMPT
 
     @property
     def prompt(self) -> str:
         article = "an" if self.object[0] in "aeiou" else "a"
-        return PROMPT.format(article=article, object=self.object)
+        return self.template.format(article=article, object=self.object)
 
 
 def keyword_metric(all_words, selection, held_out):
@@ -159,26 +168,30 @@ def run_keywords(model, tok, out, *, concepts=CONCEPTS, ks=(3, 8, 16), n_random:
     n_select = n_select or (12 if quick else 40)
     n_test = n_test or (6 if quick else 24)
     sel_objs, test_objs = split_items(OBJECTS, n_select, n_test, seed=0)
-    log(f"[keywords 1/3] {len(sel_objs)} selection prompts, {len(test_objs)} test prompts; setting {setting.key}")
-    acts = capture_many(model, tok, [TextItem(o).prompt for o in sel_objs], aggregates=(setting.aggregate,))
-    refs = generate(model, tok, [TextItem(o).prompt for o in test_objs], [None],
-                    max_new_tokens=max_new_tokens, desc="unedited")[0]
-    test = [TextItem(o, r) for o, r in zip(test_objs, refs)]
-    results = {"task": "keywords", "model": acts[setting.aggregate].meta["model"],
-               "setting": setting.to_json(), "setting_key": setting.key, "ks": ks,
-               "n_random": n_random, "quick": quick, "n_select": len(sel_objs), "n_test": len(test),
-               "max_new_tokens": max_new_tokens, "control_alphas": list(CONTROL_ALPHAS),
-               "sweep_alphas": list(SWEEP_ALPHAS), "prompt": PROMPT, "concepts": {}}
-    rankings = {}
     word_lists = dict(concepts) if isinstance(concepts, dict) else {c: None for c in concepts}
     concepts = list(word_lists)
+    log(f"[keywords 1/{len(concepts) + 1}] {len(sel_objs)} selection objects, {len(test_objs)} test "
+        f"objects; setting {setting.key}")
+    results = {"task": "keywords", "setting": setting.to_json(), "setting_key": setting.key, "ks": ks,
+               "n_random": n_random, "quick": quick, "n_select": len(sel_objs), "n_test": len(test_objs),
+               "max_new_tokens": max_new_tokens, "control_alphas": list(CONTROL_ALPHAS),
+               "sweep_alphas": list(SWEEP_ALPHAS), "prompts": {}, "concepts": {}}
+    rankings = {}
     ppl = Perplexity(model, tok)
     for i, concept in enumerate(concepts, 2):
-        log(f"[keywords {i}/{len(concepts) + 2}] {concept}")
+        template = PROMPTS.get(concept, PROMPT)
+        log(f"[keywords {i}/{len(concepts) + 1}] {concept}: \"{template}\"")
+        acts = capture_many(model, tok, [TextItem(o, template=template).prompt for o in sel_objs],
+                            aggregates=(setting.aggregate,))
+        refs = generate(model, tok, [TextItem(o, template=template).prompt for o in test_objs], [None],
+                        max_new_tokens=max_new_tokens, desc="unedited")[0]
+        test = [TextItem(o, r, template) for o, r in zip(test_objs, refs)]
         res, rankings[concept] = run_concept(model, tok, concept, acts, test, setting, ks, n_random,
                                              max_new_tokens=max_new_tokens, generate=generate,
                                              words=word_lists[concept], ppl=ppl, log=log)
         results["concepts"][concept] = res
+        results["prompts"][concept] = template
+        results["model"] = acts[setting.aggregate].meta["model"]
     L, H = rankings[concepts[0]].num_layers, rankings[concepts[0]].num_heads
     results.update(num_layers=L, num_heads=H, machine=machine_state(), seconds=round(time.time() - t0, 1))
     write_task_report(out, results, rankings)

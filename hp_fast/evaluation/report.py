@@ -156,7 +156,7 @@ def _qa(out: Path, results, rankings) -> list[str]:
 
 def _keywords(out: Path, results, rankings) -> list[str]:
     lines = _header(results, "hp-fast eval keywords: concept words in free generation")
-    lines += [f"Prompts: \"{results['prompt']}\" over {results['n_select']} selection objects (head "
+    lines += [f"Prompts: one template per concept (below) over {results['n_select']} selection objects (head "
               f"outputs) and {results['n_test']} disjoint test objects (generations, greedy, "
               f"{results['max_new_tokens']} new tokens). Keyword counts: whole words of the concept "
               "list (all / selection part / held-out part) per generation. Quality: BLEU-4 (+1 "
@@ -183,7 +183,7 @@ def _keywords(out: Path, results, rankings) -> list[str]:
               f"{concept} (selection words): SOMP scores; boxes: top {max(results['ks'])}")
         b = res["base"]
         paper = PAPER["keywords"]["inhibition"].get(concept)
-        lines += [f"## {concept}", "",
+        lines += [f"## {concept}", "", f"Prompt: \"{results['prompts'][concept]}\"", "",
                   f"{res['n_words']} words, {res['selection_words']} for selection, "
                   f"{len(res['held_out_words'])} held out ({', '.join(res['held_out_words'][:12])}"
                   f"{', ...' if len(res['held_out_words']) > 12 else ''}). Unedited: "
