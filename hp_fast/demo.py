@@ -169,7 +169,8 @@ def run_demo(model, tok, out="hp_fast_out/demo", quick: bool = False, n_random: 
     ks = sorted(ks or ([3, 8] if quick else [3, 8, 16]))
     train, pool = split_questions(0, n_train=40 if quick else 120, n_pool=80 if quick else 160)
     log(f"[1/5] {len(train)} train questions (head selection), {len(pool)} in the evaluation pool")
-    val, test, pool_acc = _known(model, tok, pool, 6 if quick else 8, 10 if quick else 15)
+    from .evaluation.prefix import generate_configs_shared_prefix as gen  # same answers, faster
+    val, test, pool_acc = _known(model, tok, pool, 6 if quick else 8, 10 if quick else 15, generate=gen)
     if not all(any(q.kind == kind for q in test) for kind in KINDS):
         raise ValueError(f"the model answered too few pool questions correctly ({pool_acc}) to "
                          "measure what an edit removes; use a model that knows some answers")
@@ -180,7 +181,7 @@ def run_demo(model, tok, out="hp_fast_out/demo", quick: bool = False, n_random: 
     log(f"[2/5] captured {L} layers x {H} heads; comparing selection settings on validation")
     # probe with the smallest k: inverting 8 heads of this 135M model already breaks
     # most answers whatever the selection (see the evidence printed)
-    best, ranking, evidence = choose_setting(model, tok, acts, val, min(ks), log)
+    best, ranking, evidence = choose_setting(model, tok, acts, val, min(ks), log, generate=gen)
     agg = best[0]
     log(f"      most specific on validation: {_key(best)}")
     top = ranking.top(max(ks))
@@ -192,7 +193,7 @@ def run_demo(model, tok, out="hp_fast_out/demo", quick: bool = False, n_random: 
     log(f"[4/5] inverting heads (gain -1) on {len(test)} test questions, k = {ks}, "
         f"{n_random} random sets per k")
     ll_ranking = rank_heads(acts[agg], model, tok, "countries", method="logit_lens")
-    base, rows = sweep(model, tok, test, ranking, ll_ranking, ks, n_random, L, H)
+    base, rows = sweep(model, tok, test, ranking, ll_ranking, ks, n_random, L, H, generate=gen)
     for r in rows:
         rc, ro = r["random"]["country"], r["random"]["other"]
         log(f"  k={r['k']:>2} ({r['percent_heads']:.1f}%)  SOMP country {r['somp']['country']:.2f} "
