@@ -142,7 +142,7 @@ def cmd_generate(args, model, tok):
     if not heads and (args.concept or args.concept_file):
         heads = _rank(args, model, tok, _acts(args, model, tok)).top(args.top)
     base = generate_answers(model, tok, prompts, max_new_tokens=args.max_new_tokens)
-    with edit_heads(model, uniform_gains(heads, args.alpha)):
+    with edit_heads(model, uniform_gains(heads, args.alpha), positions=args.positions):
         edited = generate_answers(model, tok, prompts, max_new_tokens=args.max_new_tokens)
     print(f"heads edited with gain {args.alpha}: {heads}")
     for p, b, e in zip(prompts, base, edited):
@@ -158,7 +158,32 @@ def cmd_demo(args, model, tok):
     run_demo(model, tok, out=args.out, quick=args.quick, n_random=args.random_sets)
 
 
+VLM_TASKS = ("classify", "caption")
+
+
+def cmd_eval_vlm(args, model, processor):
+    """classify / caption on a VLM: an image folder, or scikit-learn digits for classify."""
+    from . import eval_vlm
+    from .images import digits_dataset, load_image_folder
+    if args.images:
+        data = load_image_folder(args.images)
+    elif args.task == "classify":
+        data = digits_dataset(args.digits)
+    else:
+        raise ValueError("caption needs --images DIR (images plus a captions.json or captions.csv)")
+    common = dict(alpha=args.alpha, n_random=args.random_sets, positions=args.positions,
+                  out=args.out, ks=[int(k) for k in args.ks.split(",")] if args.ks else None)
+    common = {k: v for k, v in common.items() if v is not None}
+    if args.task == "classify":
+        eval_vlm.run_classify(model, processor, data, object_name=args.object_name, **common)
+    else:
+        eval_vlm.run_caption(model, processor, data, **common)
+    print(f"wrote {args.out}")
+
+
 def cmd_eval(args, model, tok):
+    if args.task in VLM_TASKS:
+        return cmd_eval_vlm(args, model, tok)
     from .evaluation import Setting, run_eval, set_threads
     print(f"machine: {set_threads(args.threads)}")
     setting = (Setting(args.aggregate or "mean", args.baseline or "random", args.criterion or "l1")
@@ -214,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--heads", help="LAYER.HEAD list to edit (or rank them with --concept)")
     p.add_argument("--alpha", type=float, default=-1.0, help="gain: -1 suppresses, 5 enhances")
+    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],
+                   help="edit every position, only the prompt, or only generated tokens")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p = sub.add_parser("demo", help="the end-to-end country QA demo on the embedded model")
     p.add_argument("--model", default="smollm2")
@@ -221,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer questions and heads (smoke run)")
     p.add_argument("--random-sets", type=int, default=None, help="random control sets per k")
     p = sub.add_parser("eval", help="the paper's experiments with controls: qa | keywords | toxicity")
-    p.add_argument("task", choices=["qa", "keywords", "toxicity"])
+    p.add_argument("task", choices=["qa", "keywords", "toxicity", *VLM_TASKS],
+                   help="classify/caption need a VLM (--model FOLDER)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", required=True, help="folder for results.json, PNGs and report.md")
     p.add_argument("--ks", help="numbers of heads to edit, e.g. 3,8,16 (quick: 3,8)")
@@ -234,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", choices=["l1", "l2", "ormp"])
     p.add_argument("--alphas", help="qa: gains of the sweep, e.g. -1,0 (default -1)")
     p.add_argument("--threads", default="auto", help="torch CPU threads (auto: 1 when the machine is loaded)")
+    p.add_argument("--images", help="classify/caption: image folder (class subfolders, or captions file)")
+    p.add_argument("--digits", type=int, default=20, help="classify without --images: digits per class")
+    p.add_argument("--object-name", default="digit", help="classify: what the images show")
+    p.add_argument("--alpha", type=float, default=None, help="classify/caption: head gain (default -1)")
+    p.add_argument("--positions", default=None, choices=["all", "image", "text", "prompt", "generated"],
+                   help="classify/caption: where the edit applies (default all)")
     p = sub.add_parser("info", help="which backends are active")
     p.add_argument("--model", default=None)
     return ap
@@ -247,7 +281,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model = tok = None
-        if args.command != "info":
+        if args.command == "eval" and args.task in VLM_TASKS:
+            from .vlm import load_vlm
+            if args.model == "smollm2":
+                raise ValueError(f"eval {args.task} needs a vision-language model: --model FOLDER "
+                                 "(e.g. a local copy of llava-hf/llava-v1.6-mistral-7b-hf)")
+            model, tok = load_vlm(args.model)
+        elif args.command != "info":
             from .models import load_model
             model, tok = load_model(args.model)
         COMMANDS[args.command](args, model, tok)

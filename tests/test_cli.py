@@ -77,3 +77,20 @@ def test_parsers(tmp_path):
     jl.write_text('{"prompt": 3}\n')
     with pytest.raises(ValueError, match="p.jsonl:1"):
         read_prompts(jl)
+
+
+def test_eval_classify_on_a_tiny_vlm_folder(tmp_path):
+    """`hp-fast eval classify` loads a VLM folder and runs the digits protocol end to end."""
+    from tiny_vlms import tiny_vlm
+    model, proc = tiny_vlm("llava")
+    folder = tmp_path / "vlm"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    out = tmp_path / "classify"
+    assert main(["eval", "classify", "--model", str(folder), "--digits", "2", "--ks", "2",
+                 "--random-sets", "2", "--out", str(out)]) == 0
+    assert (out / "results.json").is_file()
+
+
+def test_eval_classify_refuses_a_text_model():
+    assert main(["eval", "classify", "--out", "unused"]) == 2
