@@ -172,6 +172,30 @@ def coefficients_from(HQ: torch.Tensor, T: torch.Tensor, support: torch.Tensor) 
 
 # --------------------------------------------------------------------------- the pursuit
 
+
+def append_support(D, p, ok, Q, T, support, MT, G, explained, total, evr, t):
+    """Add atom p (B,) as support vector t of each live head, in place: orthonormal row of Q,
+    triangular factor T, support ids, running explained energy and EVR.
+
+    Returns q (B, d) the new orthonormal vector, mq (B, 1, r) = (M q).T, g = (G M q).T and
+    gamma (B,) = ||Z M q||^2, the energy this step explains."""
+    q, coef, nu = orthonormalize(D[p], Q[:, :t])
+    q = q * ok[:, None]
+    Q[:, t] = q
+    T[:, :t, t] = coef
+    T[:, t, t] = nu
+    support[:, t] = torch.where(ok, p, torch.full_like(p, -1))
+    mq = torch.bmm(q[:, None, :], MT)  # (B, 1, r) = (M q).T
+    g = torch.bmm(mq, G)  # (B, 1, r) = (G M q).T
+    gamma = (mq * g).sum(dim=(1, 2))  # ||Z M q||^2: energy this step explains
+    explained += gamma
+    tiny = torch.finfo(total.dtype).tiny
+    evr[:, t] = torch.where(total > 0, explained / total.clamp_min(tiny),
+                            torch.zeros_like(total)).clamp(max=1.0)
+    if t > 0:
+        evr[:, t] = torch.where(ok, evr[:, t], evr[:, t - 1])
+    return q, mq, g, gamma
+
 class _Stats:
     def __init__(self):
         self.l1_visited = 0
@@ -315,7 +339,6 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None, 
     alive = torch.ones(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
     score = torch.empty(B, v, dtype=dt, device=dev)
-    ninf = torch.tensor(-math.inf, dtype=dt, device=dev)
     for t in range(k):
         Qt = Q[:, :t]
         invalid = orth <= tol
@@ -338,20 +361,7 @@ def _pursue(Z, M, D, atom_sq, k, criterion, normalize, stats, memory, bar=None, 
             evr[:, t:] = evr[:, t - 1:t] if t > 0 else 0.0
             break
         # ---- new orthonormal support vector, EVR
-        q, coef, nu = orthonormalize(D[p], Qt)
-        q = q * ok[:, None]
-        Q[:, t] = q
-        T[:, :t, t] = coef
-        T[:, t, t] = nu
-        support[:, t] = torch.where(ok, p, torch.full_like(p, -1))
-        mq = torch.bmm(q[:, None, :], MT)  # (B, 1, r) = (M q).T
-        g = torch.bmm(mq, G)  # (B, 1, r) = (G M q).T
-        gamma = (mq * g).sum(dim=(1, 2))  # ||Z M q||^2: energy this step explains
-        explained += gamma
-        evr[:, t] = torch.where(total > 0, explained / total.clamp_min(torch.finfo(dt).tiny),
-                                torch.zeros_like(total)).clamp(max=1.0)
-        if t > 0:
-            evr[:, t] = torch.where(ok, evr[:, t], evr[:, t - 1])
+        q, mq, g, gamma = append_support(D, p, ok, Q, T, support, MT, G, explained, total, evr, t)
         if bar is not None:
             bar.update(B)
         if t == k - 1:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .fast_somp import (FRAGILE, REFRESH_DROP, TIE_RTOL, _full_refresh, _init_F, _refresh, _Stats,
-                        check_heads, coefficients_from, gram_factor, orthonormalize,
+                        append_support, check_heads, coefficients_from, gram_factor,
                         signals_to_heads)
 from .somp import SPAN_TOL, SOMPResult, check_inputs
 
@@ -161,26 +161,13 @@ def _pursue_triton(Z, M, D, Dk, atom_sq, k, criterion, normalize, stats, chunk, 
     rows = torch.arange(B, device=dev)
     BV, BH, BD = 32, 16, 32
     for t in range(k):
-        Qt = Q[:, :t]
         p, ok = _select(X, Zc, orth, tol, scale, mode, normalize and criterion != "ormp", rtol, BV)
         ok &= alive
         alive = ok
         if not bool(ok.any()):
             evr[:, t:] = evr[:, t - 1:t] if t > 0 else 0.0
             break
-        q, coef, nu = orthonormalize(D[p], Qt)
-        q = q * ok[:, None]
-        Q[:, t] = q
-        T[:, :t, t] = coef
-        T[:, t, t] = nu
-        support[:, t] = torch.where(ok, p, torch.full_like(p, -1))
-        mq = torch.bmm(q[:, None, :], MT)  # (B, 1, r)
-        gamma = (mq * torch.bmm(mq, G)).sum(dim=(1, 2))
-        explained += gamma
-        evr[:, t] = torch.where(total > 0, explained / total.clamp_min(torch.finfo(dt).tiny),
-                                torch.zeros_like(total)).clamp(max=1.0)
-        if t > 0:
-            evr[:, t] = torch.where(ok, evr[:, t], evr[:, t - 1])
+        q, _, _, _ = append_support(D, p, ok, Q, T, support, MT, G, explained, total, evr, t)
         if bar is not None:
             bar.update(B)
         if t == k - 1:
