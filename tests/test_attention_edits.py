@@ -265,3 +265,53 @@ def test_bad_arguments(enc):
         with edit_heads(model, torch.ones(2, L, H) * 2):
             model(**enc)
     assert model.config._attn_implementation == "eager" and not attention._ACTIVE
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
+def test_vlm_language_backbone_attention_path(family):
+    """VLMs: the decoder's attention goes through the wrapper (sdpa), the vision tower keeps its
+    implementation, and image-position edits equal the hook path exactly."""
+    tiny_vlms = pytest.importorskip("tiny_vlms")
+    vlm = pytest.importorskip("hp_fast.vlm")
+    import numpy as np
+    from PIL import Image
+    model, proc = tiny_vlms.tiny_vlm(family)
+    model.set_attn_implementation("sdpa")
+    images = [Image.fromarray((np.random.RandomState(i).rand(32, 32, 3) * 255).astype("uint8"))
+              for i in range(2)]
+    texts, used = vlm.format_vlm_prompts(proc, model, PROMPTS[:2])
+    enc = vlm.encode(proc, texts, images, used_template=used, padding_side="left")
+    img = vlm.image_positions_mask(model, enc["input_ids"], enc["attention_mask"], "image")
+    gains = {(0, 0): -1.0, (1, 3): 4.0}
+    assert edit_path(model) == "attention"
+    out = {}
+    for mode in ("attention", "hook"):
+        with edit_heads(model, gains, positions=img, mode=mode):
+            if mode == "attention":
+                assert model.config.text_config._attn_implementation == "hp_fast_sdpa"
+                assert model.config.vision_config._attn_implementation == "sdpa"
+            out[mode] = model(**enc).logits
+    assert torch.equal(out["attention"], out["hook"])
+    assert not torch.allclose(out["attention"], model(**enc).logits, atol=1e-4)
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_static_cache_and_gradients_match_hook_path(enc):
+    model = tiny_model("llama", attn="sdpa", seed=1)
+    g = _gains(11, scale=6)
+    for positions in ("generated", "prompt"):
+        out = {}
+        for mode in ("attention", "hook"):
+            with edit_heads(model, g, positions=positions, mode=mode):
+                out[mode] = model.generate(**enc, max_new_tokens=5, do_sample=False,
+                                           cache_implementation="static")
+        assert torch.equal(out["attention"], out["hook"]), positions
+    model.requires_grad_(True)
+    grads = {}
+    for mode in ("attention", "hook"):
+        model.zero_grad()
+        with edit_heads(model, g, mode=mode):
+            model(**enc).logits.square().mean().backward()
+        grads[mode] = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    torch.testing.assert_close(grads["attention"], grads["hook"], rtol=1e-5, atol=1e-8)
+    assert grads["hook"].abs().max() > 0
