@@ -80,7 +80,8 @@ class _PassTracker:
     A forward pre-hook on the first decoder layer sees every pass: its hidden states give
     (B, T) and the KV cache (if any) the number of earlier positions. The first pass in the
     block, and every pass that starts on an empty cache (a new ``generate``), is a prompt
-    pass: its positions are the prompt. Later passes continue it at absolute positions
+    pass: its positions are the prompt (so is a pass with another batch size than the
+    prompt's, which cannot continue it). Later passes continue it at absolute positions
     [past, past + T), past = cached length (0 without a cache, e.g. ``use_cache=False``
     recomputing prompt + generated tokens). Prompt positions are those before the end of
     the prompt pass; generated positions the ones after.
@@ -99,7 +100,7 @@ class _PassTracker:
         cache = next((v for v in list(args[1:]) + list(kwargs.values()) if isinstance(v, Cache)),
                      None)
         past = int(cache.get_seq_length()) if cache is not None else 0
-        if self.prompt_end is None or (cache is not None and past == 0):
+        if self.prompt_end is None or (cache is not None and past == 0) or B != self.shape[0]:
             self._new_prompt(B, T, past)
         self.shape = (B, T)
         self.selection = self._select(B, past, past + T, hidden.device)
