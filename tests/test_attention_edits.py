@@ -12,7 +12,7 @@ import torch
 from hp_fast import attention
 from hp_fast.adapters import get_adapter
 from hp_fast.edits import edit_heads, edit_path
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import oproj_inputs, tiny_model, tiny_tokenizer
 
 PROMPTS = ["the city of paris is in france", "what color is the sky", "one two three",
            "which country is berlin in"]
@@ -82,19 +82,6 @@ class ReferenceEdit:
             h.remove()
 
 
-def _oproj_inputs(model, enc):
-    ad = get_adapter(model)
-    seen = {}
-    hs = [p.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0].clone()))
-          for i, p in enumerate(ad.out_projs)]
-    try:
-        model(**enc)
-    finally:
-        for h in hs:
-            h.remove()
-    return [seen[i] for i in range(ad.num_layers)]
-
-
 @pytest.mark.parametrize("arch,impl", CASES)
 def test_per_head_and_per_row_gains_match_reference(arch, impl, enc):
     model = tiny_model(arch, attn=impl)
@@ -134,10 +121,10 @@ def test_masked_out_positions_and_unedited_heads_untouched(impl, enc):
     mask = torch.zeros(B, T, dtype=torch.bool)
     mask[:, T // 2:] = True
     mask[1] = False
-    base = _oproj_inputs(model, enc)
+    base = oproj_inputs(model, enc)
     with edit_heads(model, {(1, 2): -1.0, (1, 4): 5.0, (2, 0): 0.5}, positions=mask,
                     mode="attention"):
-        edited = _oproj_inputs(model, enc)
+        edited = oproj_inputs(model, enc)
     assert torch.equal(edited[0], base[0])                     # layer before any edit
     x, ref = edited[1].view(B, T, H, -1), base[1].view(B, T, H, -1)
     assert torch.equal(x[~mask], ref[~mask])                   # masked-out positions

@@ -6,7 +6,7 @@ import torch
 
 import hp_fast
 from hp_fast.adapters import get_adapter
-from tiny_models import ARCHS, tiny_model, tiny_tokenizer
+from tiny_models import oproj_inputs, ARCHS, tiny_model, tiny_tokenizer
 
 PROMPTS = ["the city of paris is in france", "what color is the sky", "one two three",
            "which country is berlin in", "a red car and a blue house", "describe a cat"]
@@ -20,20 +20,6 @@ def tok():
 def _ids(tok, texts, side="right"):
     tok.padding_side = side
     return tok(texts, return_tensors="pt", padding=True)
-
-
-def _oproj_input(model, enc):
-    """Independent reference: the raw input of every W_O, captured by a plain hook."""
-    ad = get_adapter(model)
-    seen = {}
-    hs = [p.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0].clone()))
-          for i, p in enumerate(ad.out_projs)]
-    try:
-        model(**enc)
-    finally:
-        for h in hs:
-            h.remove()
-    return [seen[i] for i in range(ad.num_layers)]
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -56,7 +42,7 @@ def test_capture_mean_matches_manual(arch, tok):
     ad = get_adapter(model)
     assert acts.z.shape == (3, 3, 6, ad.head_dim) and acts.z.dtype == torch.float32
     for i, p in enumerate(PROMPTS[:3]):
-        ref = _oproj_input(model, tok([p], return_tensors="pt"))  # one prompt, no padding
+        ref = oproj_inputs(model, tok([p], return_tensors="pt"))  # one prompt, no padding
         for layer in range(3):
             want = ref[layer][0].mean(0).view(6, -1)
             torch.testing.assert_close(acts.z[i, layer], want, rtol=1e-4, atol=1e-5)
@@ -157,7 +143,7 @@ def test_gqa_query_head_maps_to_its_own_slice(tok):
     """Editing query head h scales exactly the h-th dh-block of W_O's input (6 q heads, 2 kv)."""
     model = tiny_model("llama")
     enc = _ids(tok, PROMPTS[:2])
-    ref = _oproj_input(model, enc)
+    ref = oproj_inputs(model, enc)
     seen = {}
     hook = get_adapter(model).out_projs[2].register_forward_hook(
         lambda m, a, o: seen.__setitem__("x", a[0].clone()))

@@ -58,3 +58,18 @@ def tiny_tokenizer():
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                       eos_token="</s>", unk_token="<unk>")
     return fast
+
+
+def oproj_inputs(model, enc) -> list:
+    """Independent reference: the raw input of every layer's W_O, captured by a plain hook."""
+    from hp_fast.adapters import get_adapter
+    ad = get_adapter(model)
+    seen = {}
+    hs = [p.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0].clone()))
+          for i, p in enumerate(ad.out_projs)]
+    try:
+        model(**enc)
+    finally:
+        for h in hs:
+            h.remove()
+    return [seen[i] for i in range(ad.num_layers)]
