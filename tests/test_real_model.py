@@ -66,3 +66,13 @@ def test_cache_is_reused_and_corrupt_cache_is_moved_aside(real, tmp_path, monkey
     assert (target / "model.safetensors").is_file()
     ref, _ = real
     assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
+
+
+def test_readme_quick_start_runs(real, monkeypatch):
+    """The README's Python quick start runs as written (documentation that runs)."""
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Python quick start\n\n```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.setattr(hp_fast, "load_model", lambda *a, **k: real)  # reuse the session's model
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
