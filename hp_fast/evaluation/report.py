@@ -273,6 +273,7 @@ def write_task_report(out, results: dict, rankings: dict) -> Path:
     """Write results.json, the PNGs and report.md for ``results['task']`` into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    results["head_scores"] = {name: r.scores.tolist() for name, r in rankings.items()}  # (L, H) heatmaps
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     builder = {"qa": _qa, "keywords": _keywords, "toxicity": _toxicity}[results["task"]]
     lines = builder(out, results, rankings)
