@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", choices=["mean", "last"], help="fix the selection setting (qa: no search)")
     p.add_argument("--baseline", choices=["random", "none"])
     p.add_argument("--criterion", choices=["l1", "l2", "ormp"])
-    p.add_argument("--alphas", help="qa: gains of the sweep, e.g. -1,0 (default -1)")
+    p.add_argument("--alphas", help="qa: gains of the sweep, e.g. --alphas=-1,0 (default -1)")
     p.add_argument("--threads", default="auto", help="torch CPU threads (auto: 1 when the machine is loaded)")
     p.add_argument("--images", help="classify/caption: image folder (class subfolders, or captions file)")
     p.add_argument("--digits", type=int, default=20, help="classify without --images: digits per class")

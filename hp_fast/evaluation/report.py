@@ -51,10 +51,14 @@ def _heat(ranking, ks, path, title):
     return heatmap(ranking.scores, path, marked=ranking.top(max(ks)), title=title)
 
 
-def _verdict(somp: float, rand_q, other: float | None = None, lower_is_effect: bool = True) -> str:
-    """'specific' when SOMP moves the target past the random IQR (and past the other metric)."""
+def _verdict(somp: float, rand_q, other: float | None = None, lower_is_effect: bool = True,
+             ppl: float | None = None, max_ppl: float = 2.0) -> str:
+    """'yes' when SOMP moves the target past the random IQR (and past the other metric);
+    'broken' when the edited text's perplexity under the unedited model exceeds ``max_ppl`` x."""
     if any(isinstance(x, float) and math.isnan(x) for x in (somp, rand_q[0])):
         return "n/a"
+    if ppl is not None and not ppl <= max_ppl:
+        return f"broken (ppl x{ppl:.3g})"
     beyond = somp < rand_q[0] if lower_is_effect else somp > rand_q[2]
     if other is not None:
         beyond = beyond and somp < other
@@ -193,6 +197,9 @@ def _keywords(out: Path, results, rankings) -> list[str]:
                   f"random held-out | SOMP BLEU | SOMP ROUGE-L | SOMP CIDEr-D | SOMP ppl | LL BLEU | LL ppl | "
                   f"random BLEU | beyond random? | paper |",
                   "|" + "---|" * 17]
+        lines.insert(len(lines) - 2, "\"beyond random?\": SOMP's count is outside the random sets' IQR in "
+                     "the edit's direction; \"broken\" when its text's perplexity under the unedited "
+                     "model is over 2x the unedited text's.\n")
         for r in rows:
             s, ll, rd = r["somp"], r["logit_lens"], r["random"]
             up = r["alpha"] > 1
@@ -204,7 +211,7 @@ def _keywords(out: Path, results, rankings) -> list[str]:
                 f"{_iqr(rd['keywords_held_out'])} | {_f(s['bleu'])} | {_f(s['rouge_l'])} | "
                 f"{_f(s['cider_d'])} | {_f(r['perplexity']['somp'])} | {_f(ll['bleu'])} | "
                 f"{_f(r['perplexity']['logit_lens'])} | {_iqr(rd['bleu'])} | "
-                f"{_verdict(s['keywords'], rd['keywords'], lower_is_effect=not up)} | {pp} |")
+                f"{_verdict(s['keywords'], rd['keywords'], lower_is_effect=not up, ppl=r['perplexity']['somp'])} | {pp} |")
         lines += ["", "Gain sweep of the SOMP heads (keywords / unedited, BLEU vs unedited, perplexity x):", "",
                   "| k | " + " | ".join(f"alpha={a:g}" for a in alphas) + " |",
                   "|---|" + "---|" * len(alphas)]
@@ -255,7 +262,7 @@ def _toxicity(out: Path, results, rankings) -> list[str]:
         lines.append(f"| {r['k']} | {r['percent_heads']} | {_f(s['flagged'])} | {_f(ll['flagged'])} | "
                      f"{_iqr(rd['flagged'])} | {_f(s['held_out_word_rate'])} | {_f(ll['held_out_word_rate'])} | "
                      f"{_iqr(rd['held_out_word_rate'])} | {_f(s['bleu'])} | {_f(r['perplexity']['somp'])} | "
-                     f"{_f(r['perplexity']['logit_lens'])} | {_verdict(s['flagged'], rd['flagged'])} | "
+                     f"{_f(r['perplexity']['logit_lens'])} | {_verdict(s['flagged'], rd['flagged'], ppl=r['perplexity']['somp'])} | "
                      f"{fmt(p.get('RTP'))} | {fmt(p.get('TET'))} |")
     lines += ["", "| rates vs k | SOMP scores (boxes: selected) |", "|---|---|",
               "| ![](toxicity_vs_k.png) | ![](heads.png) |", "", "## Selected heads", ""]
