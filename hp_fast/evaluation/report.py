@@ -107,7 +107,7 @@ def _qa(out: Path, results, rankings) -> list[str]:
         for m in metrics:
             name = f"{m}_vs_k{tag}.png"
             _curves(rows, {f"country_{m}": "country Qs", f"other_{m}": "other Qs"}, out / name,
-                    f"countries heads {verb}: {names[m]} / unedited (random: median, IQR)",
+                    f"countries heads {verb}: {names[m]} / unedited\n(random: median, IQR)",
                     alpha=alpha, ylabel=f"{m.upper()} / unedited")
             plots.append(name)
     _heat(rankings["qa"], results["ks"], out / "heads.png",
@@ -238,7 +238,7 @@ def _keywords(out: Path, results, rankings) -> list[str]:
 def _toxicity(out: Path, results, rankings) -> list[str]:
     rows = results["rows"]
     _curves(rows, {"flagged": "flagged", "held_out_word_rate": "held-out toxic word"},
-            out / "toxicity_vs_k.png", "toxic heads inverted: rate / unedited (random: median, IQR)",
+            out / "toxicity_vs_k.png", "toxic heads inverted: rate / unedited\n(random: median, IQR)",
             ylabel="rate / unedited")
     _heat(rankings["toxic"], results["ks"], out / "heads.png",
           f"toxic (selection words): SOMP scores; boxes: top {max(results['ks'])}")
