@@ -37,7 +37,7 @@ DEFAULT_MEMORY = 2 << 30
 
 @triton.jit
 def _score_kernel(X_ptr, Z_ptr, orth_ptr, tol_ptr, scale_ptr, best_ptr, arg_ptr,
-                  v, n, r, n_tiles,
+                  v, n, r, n_tiles, rtol,
                   MODE: tl.constexpr, NORMALIZE: tl.constexpr,
                   BV: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: heads * v * r passes 2**31 on big models
@@ -66,7 +66,10 @@ def _score_kernel(X_ptr, Z_ptr, orth_ptr, tol_ptr, scale_ptr, best_ptr, arg_ptr,
     valid = rmask & (o > tol)  # NaN compares false: chosen / retired atoms drop out
     score = tl.where(valid, score, float("-inf"))
     best = tl.max(score, axis=0)
-    arg = tl.min(tl.where(score == best, rows, 2147483647), axis=0)  # lowest index of the max
+    # lowest index among the near-best (within rtol, as the torch path's `pick`): fp32 cannot
+    # order exact duplicates or true ties, so both paths resolve them the reference's way
+    thr = tl.where(best == float("-inf"), best, best - rtol * tl.abs(best))
+    arg = tl.min(tl.where(score >= thr, rows, 2147483647), axis=0)
     tl.store(best_ptr + b * n_tiles + tile, best)
     tl.store(arg_ptr + b * n_tiles + tile, arg)
 
@@ -116,7 +119,7 @@ def _select(X, Z, orth, tol, scale, mode, normalize, rtol, BV):
     nt = triton.cdiv(v, BV)
     best = torch.empty(B, nt, dtype=torch.float32, device=X.device)
     arg = torch.empty(B, nt, dtype=torch.int32, device=X.device)
-    _score_kernel[(B, nt)](X, Z, orth, tol, scale, best, arg, v, n, r, nt,
+    _score_kernel[(B, nt)](X, Z, orth, tol, scale, best, arg, v, n, r, nt, float(rtol),
                            MODE=mode, NORMALIZE=normalize, BV=BV, BN=16, BR=_next_pow2(r))
     top = best.max(dim=1, keepdim=True).values
     ok = torch.isfinite(top[:, 0])
