@@ -179,6 +179,17 @@ def capture(model, tokenizer, prompts: Sequence[str], *, aggregate: str = "mean"
                         chat_template=chat_template, progress=progress, max_length=max_length)[aggregate]
 
 
+def store_batch(z: dict, outs: dict, start: int, stop: int, what: str) -> None:
+    """Write one batch's per-layer aggregates {agg: [L x (B, H*dh)]} into z {agg: (n, L, H, dh)},
+    refusing NaN/Inf so no bad row is ever kept."""
+    for a, per_layer in outs.items():
+        out = torch.stack(per_layer, dim=1)  # (B, L, H*dh)
+        if not torch.isfinite(out).all():
+            raise ValueError(f"the model produced NaN/Inf head outputs on {what} {start}..{stop - 1}; "
+                             "try dtype=torch.float32")
+        z[a][start:stop] = out.view(stop - start, *z[a].shape[1:])
+
+
 def _forward(model, enc) -> None:
     """Forward pass for the hooks only: logits of the last position at most."""
     kw = dict(enc, position_ids=position_ids(enc["attention_mask"]), use_cache=False)
@@ -220,12 +231,7 @@ def capture_many(model, tokenizer, prompts: Sequence[str], *, aggregates=("mean"
             state["mask"] = enc["attention_mask"]
             state["out"] = {a: [None] * L for a in aggregates}
             _forward(model, enc)
-            for a in aggregates:
-                out = torch.stack(state["out"][a], dim=1)  # (B, L, H*dh)
-                if not torch.isfinite(out).all():
-                    raise ValueError(f"the model produced NaN/Inf head outputs on prompts {start}.."
-                                     f"{start + len(chunk) - 1}; try dtype=torch.float32")
-                z[a][start:start + len(chunk)] = out.view(len(chunk), L, H, dh)
+            store_batch(z, state["out"], start, start + len(chunk), "prompts")
     finally:
         for h in handles:
             h.remove()

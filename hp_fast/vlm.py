@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import VLM_MODEL_TYPES, get_adapter, is_vlm
-from .capture import HeadActivations, _aggregate, model_fingerprint
+from .capture import HeadActivations, _aggregate, model_fingerprint, store_batch
 from .edits import Gains, edit_heads, gains_tensor
 from .images import ImageLike, image_name, load_image
 
@@ -258,12 +258,7 @@ def capture_images_many(model, processor, images: Sequence[ImageLike], prompts, 
             state["masks"] = {"image": img, "text": real & ~img, "mean": real, "last": real}
             state["out"] = {a: [None] * L for a in aggregates}
             _forward(model, enc)
-            for a in aggregates:
-                out = torch.stack(state["out"][a], dim=1)  # (B, L, H*dh)
-                if not torch.isfinite(out).all():
-                    raise ValueError(f"the model produced NaN/Inf head outputs on images {start}.."
-                                     f"{stop - 1}; try dtype=torch.float32")
-                z[a][start:stop] = out.view(stop - start, L, H, dh)
+            store_batch(z, state["out"], start, stop, "images")
     finally:
         for h in handles:
             h.remove()
