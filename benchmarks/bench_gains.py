@@ -252,41 +252,73 @@ def bench_decode_batching(model, tok, args):
                  decode_ms_per_token=round(m88 * 1e3, 2), speedup=round(C * m8 / m88, 3))]
 
 
-def bench_configs(model, tok, args):
+RANKING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "ranking.json")
+
+
+def config_sets(ad):
+    """The two sets of 11 configurations: name -> (description, configs)."""
+    import json
+    sets = {"random16": ("unedited + 10 random 16-head sets anywhere in the model (gain -1)",
+                         [None] + [{h: -1.0 for h in random_heads(ad.num_layers, ad.num_heads, 16, s)}
+                                   for s in range(1, 11)])}
+    with open(RANKING) as f:  # the demo's country ranking of SmolLM2 (committed)
+        top = [tuple(h) for h in json.load(f)["top"][:8]]
+    controls = hp_fast.random_control(top, ad.num_layers, ad.num_heads, n_sets=10, seed=0)
+    sets["controls"] = ("unedited + 10 layer-matched random controls of the top-8 country heads "
+                        "(gain -1)", [None] + [{h: -1.0 for h in c} for c in controls])
+    return sets
+
+
+def bench_configs(model, tok, args, name, desc, configs):
+    from hp_fast.trunk import first_edited_layer
     ad = hp_fast.get_adapter(model)
-    configs = [None] + [{h: -1.0 for h in random_heads(ad.num_layers, ad.num_heads, 16, s)}
-                        for s in range(1, 11)]
+    g = torch.stack([hp_fast.edits.gains_tensor(c or {}, ad.num_layers, ad.num_heads)
+                     for c in configs])
+    l0 = first_edited_layer(g)
     kw = dict(max_new_tokens=args.config_tokens, progress=False)
 
     def batched():
-        return generate_configs(model, tok, PROMPTS, configs,
+        return generate_configs(model, tok, PROMPTS, configs, share_trunk=True,
+                                batch_size=len(configs) * len(PROMPTS), **kw)
+
+    def batched_plain():
+        return generate_configs(model, tok, PROMPTS, configs, share_trunk=False,
                                 batch_size=len(configs) * len(PROMPTS), **kw)
 
     def sequential():
         return [generate_configs(model, tok, PROMPTS, [c], batch_size=len(PROMPTS), **kw)[0]
                 for c in configs]
 
-    times = {"batched": [], "sequential": []}
+    runs = [("batched", batched), ("batched, no trunk sharing", batched_plain),
+            ("sequential", sequential)]
+    times = {k: [] for k, _ in runs}
     answers = {}
     for r in range(args.config_rounds):
-        for name, fn in ([("batched", batched), ("sequential", sequential)][::1 if r % 2 == 0 else -1]):
+        for key, fn in runs[r % 3:] + runs[:r % 3]:  # rotate the order between rounds
             t0 = time.perf_counter()
-            answers[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    equal = sum(a == b for ca, cb in zip(answers["batched"], answers["sequential"])
-                for a, b in zip(ca, cb))
+            answers[key] = fn()
+            times[key].append(time.perf_counter() - t0)
     total = len(configs) * len(PROMPTS)
-    seq, bat = statistics.median(times["sequential"]), statistics.median(times["batched"])
-    ratio = statistics.median(s / b for s, b in zip(times["sequential"], times["batched"]))
-    print(f"\n{len(configs)} configs x {len(PROMPTS)} prompts, {args.config_tokens} new tokens max, "
-          f"{args.config_rounds} rounds (medians)")
-    print(f"sequential (11 x batch 8): {seq:.2f} s   batched (1 x batch 88): {bat:.2f} s   "
-          f"speed-up {ratio:.2f}x   answers equal {equal}/{total}")
-    return [dict(bench="configs", path="sequential 11x8", batch=len(PROMPTS),
+    seq = statistics.median(times["sequential"])
+    print(f"\n[{name}] {desc}: first edited layer {l0} of {ad.num_layers}; {len(configs)} configs "
+          f"x {len(PROMPTS)} prompts, {args.config_tokens} new tokens max, {args.config_rounds} "
+          f"rounds (medians)")
+    print(f"  sequential (11 x batch 8): {seq:.2f} s")
+    rows = [dict(bench=f"configs {name}", path="sequential 11x8", batch=len(PROMPTS),
                  new_tokens=args.config_tokens, seconds=round(seq, 3), speedup=1.0,
-                 answers_equal=f"{equal}/{total}"),
-            dict(bench="configs", path="batched 1x88", batch=total, new_tokens=args.config_tokens,
-                 seconds=round(bat, 3), speedup=round(ratio, 3), answers_equal=f"{equal}/{total}")]
+                 answers_equal=f"{total}/{total}", first_edited_layer=l0)]
+    for key in ("batched, no trunk sharing", "batched"):
+        t = statistics.median(times[key])
+        ratio = statistics.median(s / b for s, b in zip(times["sequential"], times[key]))
+        equal = sum(a == b for ca, cb in zip(answers[key], answers["sequential"])
+                    for a, b in zip(ca, cb))
+        print(f"  {key} (1 x batch 88): {t:.2f} s   speed-up {ratio:.2f}x   answers equal to "
+              f"sequential {equal}/{total}")
+        rows.append(dict(bench=f"configs {name}", path=f"{key} 1x88", batch=total,
+                         new_tokens=args.config_tokens, seconds=round(t, 3),
+                         speedup=round(ratio, 3), answers_equal=f"{equal}/{total}",
+                         first_edited_layer=l0))
+    return rows
 
 
 def main():
@@ -296,8 +328,10 @@ def main():
     ap.add_argument("--decode-samples", type=int, default=60, help="decode-step timings per path")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens of the end-to-end generate")
     ap.add_argument("--config-tokens", type=int, default=12, help="max new tokens per config run")
-    ap.add_argument("--config-rounds", type=int, default=2)
+    ap.add_argument("--config-rounds", type=int, default=3)
     ap.add_argument("--skip-configs", action="store_true")
+    ap.add_argument("--config-sets", nargs="+", default=["controls", "random16"],
+                    choices=["controls", "random16"], help="which 11-configuration sets to run")
     ap.add_argument("--skip-latency", action="store_true", help="only the configuration benchmarks")
     ap.add_argument("--csv", default=OUT_CSV)
     args = ap.parse_args()
@@ -319,7 +353,9 @@ def main():
             rows += bench_op_cost(model, heads, rows[0]["decode_ms_per_token"])
         rows += bench_decode_batching(model, tok, args)
         if not args.skip_configs:
-            rows += bench_configs(model, tok, args)
+            for name, (desc, configs) in config_sets(ad).items():
+                if name in args.config_sets:
+                    rows += bench_configs(model, tok, args, name, desc, configs)
     load1 = os.getloadavg()[0]
     print(f"load avg start {load0:.2f}, end {load1:.2f} (2 cores)")
     common = dict(date=datetime.date.today().isoformat(), machine=f"{cpu_name()} x{os.cpu_count()}",
@@ -329,13 +365,17 @@ def main():
               "prompt_tokens", "new_tokens", "edited_heads", "prefill_ms", "prefill_ratio",
               "prefill_cpu_ratio", "decode_ms_per_token", "decode_ratio", "decode_ms_min",
               "decode_cpu_ms", "decode_cpu_ratio", "same_tokens_as_op", "seconds", "speedup",
-              "answers_equal"]
+              "answers_equal", "first_edited_layer"]
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-    new = not os.path.exists(args.csv)
-    with open(args.csv, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
+    old = []
+    if os.path.exists(args.csv):  # earlier rows are kept, under the current header
+        with open(args.csv, newline="") as f:
+            old = list(csv.DictReader(f))
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        for row in old:
+            w.writerow({k: row.get(k, "") for k in fields})
         for row in rows:
             w.writerow({**common, **row})
     print(f"appended {len(rows)} rows to {args.csv}")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .adapters import VLM_MODEL_TYPES, get_adapter, is_vlm
 from .capture import HeadActivations, _aggregate, model_fingerprint, store_batch
 from .edits import Gains, edit_heads, gains_tensor
+from .generation import contiguous_unembedding_input
 from .images import ImageLike, image_name, load_image
 
 AGGREGATES = ("image", "text", "mean", "last")
@@ -312,7 +313,8 @@ def generate_images(model, processor, images: Sequence[ImageLike], prompts, *,
         enc = encode(processor, [texts[i] for _, i in chunk], [images[i] for _, i in chunk],
                      used_template=used, padding_side="left", device=device)
         row_gains = gains[[c for c, _ in chunk]]                         # (B, L, H)
-        with edit_heads(model, row_gains, **_edit_kwargs(positions, model, enc)):
+        with edit_heads(model, row_gains, **_edit_kwargs(positions, model, enc)), \
+                contiguous_unembedding_input(model):
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad)
         decoded = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -25,6 +25,8 @@ from ..adapters import get_adapter
 from ..batched import generate_configs
 from ..capture import format_prompts
 from ..edits import Gains, edit_heads, gains_tensor
+from ..generation import contiguous_unembedding_input
+from ..trunk import first_edited_layer, shared_trunk
 
 
 def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
@@ -44,7 +46,7 @@ def _prefix_cache(model, prefix: torch.Tensor, gains: torch.Tensor, batch_size: 
     parts = []
     for start in range(0, gains.shape[0], batch_size):
         g = gains[start:start + batch_size]
-        with edit_heads(model, g):
+        with edit_heads(model, g), shared_trunk(model, first_edited_layer(g)):
             out = model(input_ids=prefix.expand(g.shape[0], -1), use_cache=True)
         cache = getattr(out, "past_key_values", None)
         if cache is None:
@@ -61,7 +63,8 @@ def generate_configs_shared_prefix(model, tokenizer, prompts: Sequence[str],
                                    configs: Sequence[Gains | None], *, max_new_tokens: int = 12,
                                    batch_size: int = 64, chat_template: bool | None = None,
                                    progress: bool = True, desc: str = "generate",
-                                   min_prefix: int = 8) -> list[list[str]]:
+                                   min_prefix: int = 8, share_trunk: bool = True
+                                   ) -> list[list[str]]:
     """Same contract as ``hp_fast.batched.generate_configs``: ``answers[c][i]``."""
     from transformers import DynamicCache
     ad = get_adapter(model)
@@ -70,7 +73,7 @@ def generate_configs_shared_prefix(model, tokenizer, prompts: Sequence[str],
     ids = [list(tokenizer(t, add_special_tokens=not used)["input_ids"]) for t in texts]
     P = shared_prefix_length(ids)
     fallback = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template,
-                    progress=progress, desc=desc)
+                    progress=progress, desc=desc, share_trunk=share_trunk)
     if P < min_prefix or getattr(model.config, "is_encoder_decoder", False):
         return generate_configs(model, tokenizer, prompts, configs, **fallback)
     device = next(model.parameters()).device
@@ -99,7 +102,10 @@ def generate_configs_shared_prefix(model, tokenizer, prompts: Sequence[str],
         cache = DynamicCache()
         for layer, (k, v) in enumerate(kv):
             cache.update(k[cfg].clone(), v[cfg].clone(), layer)
-        with edit_heads(model, gains[cfg.cpu()]):
+        row_gains = gains[cfg.cpu()]  # (B, L, H)
+        upto = first_edited_layer(row_gains) if share_trunk else 0
+        with edit_heads(model, row_gains), shared_trunk(model, upto), \
+                contiguous_unembedding_input(model):
             out = model.generate(input_ids=input_ids, attention_mask=mask, cache=cache,
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         decoded = tokenizer.batch_decode(out[:, P + m:], skip_special_tokens=True)
