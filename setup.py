@@ -1,7 +1,7 @@
 """Builds the optional compiled operators in hp_fast._C.
 
 Metadata lives in pyproject.toml; this file only declares the extension:
-  * always the C++ CPU kernel (csrc/head_gain.cpp, CppExtension);
+  * always the C++ CPU kernels (csrc/head_gain.cpp, csrc/somp_small.cpp, CppExtension);
   * plus the CUDA kernel (csrc/cuda/head_gain.cu, CUDAExtension) when CUDA is usable:
     torch.cuda.is_available(), or FORCE_CUDA=1 with CUDA_HOME set and a CUDA build of torch.
 The extension is optional: if it fails to compile, installation still succeeds and
@@ -36,7 +36,7 @@ def _extensions_and_cmdclass():
     # headers, so without it the kernel silently runs on one thread.
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
-    sources = [os.path.join("csrc", "head_gain.cpp")]
+    sources = [os.path.join("csrc", "head_gain.cpp"), os.path.join("csrc", "somp_small.cpp")]
 
     if _cuda_usable(torch, cpp_extension):
         sources.append(os.path.join("csrc", "cuda", "head_gain.cu"))

@@ -61,6 +61,7 @@ REFRESH_DROP = {torch.float32: 1e-1, torch.float64: 1e-6}  # residual drop that 
 # with it the recurrence keeps about 1e-6 relative accuracy, well inside TIE_RTOL
 DEFAULT_MEMORY = 1 << 30  # bytes of per-step state allowed for one batch of heads
 SMALL_V = 4096  # dictionaries up to this size run the pursuit in atom space (_pursue_small)
+COMPILED_SMALL = True  # l2/ormp on CPU: the compiled twin of _pursue_small when it is built
 
 
 # --------------------------------------------------------------------------- preparation
@@ -503,6 +504,31 @@ def _pursue_small(Z, M, D, Gd, E, atom_sq, k, criterion, normalize, stats, memor
     return support, evr, MQ, T
 
 
+def _small_kernel_available(D: torch.Tensor, criterion: str) -> bool:
+    """The compiled atom-space kernel (csrc/somp_small.cpp) serves the L2-type rules on CPU."""
+    if not COMPILED_SMALL or criterion == "l1" or D.device.type != "cpu":
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("hp_fast::somp_small", "CPU")
+    except RuntimeError:  # the operator is not registered: extension not built
+        return False
+
+
+def _pursue_small_compiled(Z, M, D, Gd, atom_sq, k, criterion, normalize):
+    """``_pursue_small`` for l2/ormp by the compiled kernel: every head runs its whole pursuit
+    with its own ``E = D M.T`` in cache. Same inputs and outputs as the twin."""
+    B, n, r = Z.shape
+    v, d = D.shape
+    dt = D.dtype
+    G = Z.transpose(1, 2) @ Z  # (B, r, r)
+    total = (G * (M @ M.transpose(1, 2))).sum(dim=(1, 2))  # ||Z M||_F^2
+    L = gram_factor(Z, G).contiguous()  # (B, r, rr)
+    E = (D @ M.reshape(B * r, d).T).view(v, B, r).transpose(0, 1)  # (B, v, r) view, one product
+    return torch.ops.hp_fast.somp_small(E, Gd, G.contiguous(), L, atom_sq, total, k,
+                                        criterion == "ormp", bool(normalize), TIE_RTOL[dt],
+                                        SPAN_TOL, REFRESH_DROP[dt])
+
+
 def _l1_select(F, inv_sq, inv_norm, s, margin, invalid, ub, Z, n, rtol, chunk, stats):
     """Pruned exact L1 argmax for every head of the batch (see module docstring)."""
     B, v = s.shape
@@ -598,10 +624,16 @@ def _run(Z, M, D, k, criterion, normalize, memory, progress, stats, want_factors
         bar = tqdm(total=B * k, desc=f"somp {criterion} ({B} heads)", unit="head-step")
     small = v <= SMALL_V
     Gd = D @ D.T if small else None  # (v, v) Gram matrix of a small (concept) dictionary
+    compiled = small and _small_kernel_available(D, criterion)
     sups, evrs, MQs, Ts = [], [], [], []
     for b0 in range(0, B, hb):
         sl = slice(b0, min(B, b0 + hb))
-        if small:
+        if small and compiled:
+            sup, ev, MQ, T = _pursue_small_compiled(Z[sl], M[sl], D, Gd, atom_sq, k, criterion,
+                                                    normalize)
+            if bar is not None:
+                bar.update(sup.shape[0] * k)
+        elif small:
             E = _init_F(D, M[sl].transpose(1, 2), 1 << 26)  # (b, v, r) = D M.T, one product
             with _one_thread(D.device):
                 sup, ev, MQ, T = _pursue_small(Z[sl], M[sl], D, Gd, E, atom_sq, k, criterion,
@@ -619,7 +651,8 @@ def _run(Z, M, D, k, criterion, normalize, memory, progress, stats, want_factors
         bar.close()
     if stats is not None:
         stats.update(l1_visited_fraction=(st.l1_visited / st.l1_total) if st.l1_total else None,
-                     refreshed=st.refreshed, full_refresh=st.full_refresh, head_batch=hb)
+                     refreshed=st.refreshed, full_refresh=st.full_refresh, head_batch=hb,
+                     path=("small-compiled" if compiled else "small-torch") if small else "large")
     res = SOMPResult(support=torch.cat(sups), evr=torch.cat(evrs), criterion=criterion,
                      backend="torch")
     if want_factors:

@@ -67,13 +67,43 @@ def check_same(ref, got, coef=False):
         assert (got.coefficients.double().cpu() - ref.coefficients).abs().max() < 1e-3 * scale
 
 
-@pytest.fixture(params=["atom_space", "dictionary_space"])
+@pytest.fixture(params=["atom_space", "atom_space_torch", "dictionary_space"])
 def path(request, monkeypatch):
-    """Both torch algorithms: atom space (small dictionaries) and the D-product one (large)."""
+    """Every CPU algorithm: atom space for small dictionaries (the compiled kernel for l2/ormp
+    when the extension is built, and its PyTorch twin) and the D-product one (large)."""
     import hp_fast.fast_somp as fs
     if request.param == "dictionary_space":
         monkeypatch.setattr(fs, "SMALL_V", 0)
+    if request.param == "atom_space_torch":
+        monkeypatch.setattr(fs, "COMPILED_SMALL", False)
     return request.param
+
+
+def test_compiled_atom_space_kernel_is_used_and_matches_its_twin(monkeypatch):
+    """csrc/somp_small.cpp vs _pursue_small on fresh random heads (unique greedy path) of
+    several shapes, float32 and float64: same supports, EVR within 1e-6 (float32: both
+    accumulate the same sums in a different order) or 1e-12 (float64)."""
+    import hp_fast.fast_somp as fs
+    if not fs._small_kernel_available(torch.zeros(1, 1), "ormp"):
+        pytest.skip("hp_fast._C not built: the PyTorch twin is the only atom-space path")
+    for (B, n, dh, d, v, ks) in [(3, 9, 5, 17, 23, 4), (2, 1, 8, 16, 40, 3), (4, 40, 16, 48, 301, 6),
+                                 (1, 3, 2, 7, 1, 1)]:
+        for dt, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+            z, w_o, D = planted_heads(B, n, dh, d, v, ks, stable_seed(B, n, v, str(dt)))
+            for crit in ("l2", "ormp"):
+                for norm in (True, False):
+                    k = min(ks, v)
+                    st = {}
+                    got = fs.somp_heads_torch(z, w_o, D, k, criterion=crit, normalize=norm,
+                                              dtype=dt, stats=st)
+                    assert st["path"] == "small-compiled"
+                    monkeypatch.setattr(fs, "COMPILED_SMALL", False)
+                    want = fs.somp_heads_torch(z, w_o, D, k, criterion=crit, normalize=norm,
+                                               dtype=dt, stats=st)
+                    monkeypatch.setattr(fs, "COMPILED_SMALL", True)
+                    assert st["path"] == "small-torch"
+                    assert torch.equal(got.support, want.support)
+                    assert float((got.evr - want.evr).abs().max()) <= tol
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
