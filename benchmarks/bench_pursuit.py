@@ -338,14 +338,23 @@ def write(rows, device):
             w.writeheader()
         w.writerows(rows)
     md = os.path.join(HERE, "RESULTS.md")
-    with open(md, "a") as f:
-        for r in rows:
-            f.write(f"| {r['date']} | {r['machine']} | {r['shape']} | {r['criterion']} | "
-                    f"{r['heads']} | {r['n']} | {r['backend']} | {r['seconds']} | "
-                    f"{r['naive_seconds_scaled']} | {r['ratio_to_naive']} | "
-                    f"{r['achieved_fraction']} | {r['peak_mem_mib']} | "
-                    f"{r['naive_same_support']} |\n")
-    print(f"[bench] wrote {path} and appended {len(rows)} rows to {md}")
+    lines = [f"| {r['date']} | {r['machine']} | {r['shape']} | {r['criterion']} | "
+             f"{r['heads']} | {r['n']} | {r['backend']} | {r['seconds']} | "
+             f"{r['naive_seconds_scaled']} | {r['ratio_to_naive']} | "
+             f"{r['achieved_fraction']} | {r['peak_mem_mib']} | {r['naive_same_support']} |\n"
+             for r in rows]
+    text = open(md).readlines() if os.path.exists(md) else []
+    head = next((i for i, l in enumerate(text) if l.startswith("| date | machine | shape |")), None)
+    if head is None:  # no pursuit table yet: append at the end
+        text += lines
+    else:  # after the last row of the pursuit table
+        end = head
+        while end < len(text) and text[end].startswith("|"):
+            end += 1
+        text[end:end] = lines
+    with open(md, "w") as f:
+        f.writelines(text)
+    print(f"[bench] wrote {path} and added {len(rows)} rows to the pursuit table of {md}")
 
 
 def main():
