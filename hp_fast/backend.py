@@ -29,4 +29,13 @@ def backend_info() -> dict:
         "somp_backend_forced": os.environ.get("HP_FAST_SOMP_BACKEND"),
         "somp_auto_cpu": "torch",
         "somp_auto_cuda": "triton" if (cuda and _triton_version()) else "torch",
+        "somp_small_cpu": _small_kernel(),
     }
+
+
+def _small_kernel() -> str:
+    """Which code runs l2/ormp over small (concept) dictionaries on the CPU."""
+    from . import fast_somp
+    if fast_somp._small_kernel_available(torch.zeros(1, 1), "ormp"):
+        return "cpp (hp_fast._C somp_small)"
+    return "torch (compiled kernel not built)" if fast_somp.COMPILED_SMALL else "torch (forced)"

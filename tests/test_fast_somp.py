@@ -192,3 +192,14 @@ def test_dispatch_and_errors(monkeypatch):
     z[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         somp_heads(z, w_o, D2, 2)
+
+
+def test_backend_info_reports_the_small_kernel(monkeypatch):
+    import hp_fast
+    import hp_fast.fast_somp as fs
+    built = fs._small_kernel_available(torch.zeros(1, 1), "l2")
+    info = hp_fast.backend_info()["somp_small_cpu"]
+    assert info.startswith("cpp") == built
+    assert not fs._small_kernel_available(torch.zeros(1, 1), "l1")  # L1 stays in PyTorch
+    monkeypatch.setattr(fs, "COMPILED_SMALL", False)
+    assert hp_fast.backend_info()["somp_small_cpu"] == "torch (forced)"
