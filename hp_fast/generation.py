@@ -10,6 +10,13 @@ from tqdm.auto import tqdm
 from .capture import format_prompts
 
 
+def output_cache(out):
+    """The key/value cache of a model output: ``cache`` (transformers >= 5; reading the old
+    ``past_key_values`` name there prints a deprecation warning) or ``past_key_values``."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 @contextmanager
 def contiguous_unembedding_input(model):
     """Hand the unembedding a contiguous input inside the block.

@@ -186,3 +186,16 @@ def test_contiguous_unembedding_input_same_logits_and_removed():
     assert seen == [False, True]  # the view was strided; inside the block it is not
     assert float((ref - got).abs().max()) <= 1e-6
     assert not model.lm_head._forward_pre_hooks
+
+
+def test_output_cache_reads_either_name_without_the_deprecated_one():
+    import types
+    import warnings
+    from hp_fast.generation import output_cache
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    out = model(**_enc(tok, PROMPTS), use_cache=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert output_cache(out) is out.cache
+    old = types.SimpleNamespace(past_key_values="kv")  # older transformers outputs
+    assert output_cache(old) == "kv"

@@ -25,7 +25,7 @@ from ..adapters import get_adapter
 from ..batched import generate_configs
 from ..capture import format_prompts
 from ..edits import Gains, edit_heads, gains_tensor
-from ..generation import contiguous_unembedding_input
+from ..generation import contiguous_unembedding_input, output_cache
 from ..trunk import first_edited_layer, shared_trunk
 
 
@@ -48,9 +48,7 @@ def _prefix_cache(model, prefix: torch.Tensor, gains: torch.Tensor, batch_size: 
         g = gains[start:start + batch_size]
         with edit_heads(model, g), shared_trunk(model, first_edited_layer(g)):
             out = model(input_ids=prefix.expand(g.shape[0], -1), use_cache=True)
-        cache = getattr(out, "past_key_values", None)
-        if cache is None:
-            cache = getattr(out, "cache", None)
+        cache = output_cache(out)
         if type(cache) is not DynamicCache or not all(hasattr(l, "keys") for l in cache.layers):
             return None
         parts.append([(l.keys, l.values) for l in cache.layers])

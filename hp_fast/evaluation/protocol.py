@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..capture import format_prompts
+from ..generation import output_cache
 from ..ranking import HeadRanking, rank_heads
 
 Metric = Callable[[list[str], list], dict]
@@ -142,7 +143,8 @@ class Perplexity:
         prefix_kv = None
         if P:
             from transformers import DynamicCache
-            cache = model(input_ids=torch.tensor([p_ids[0][:P]], device=device), use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=torch.tensor([p_ids[0][:P]], device=device),
+                                       use_cache=True))
             if type(cache) is DynamicCache and all(hasattr(l, "keys") for l in cache.layers):
                 prefix_kv = [(l.keys, l.values) for l in cache.layers]
             else:
