@@ -139,9 +139,9 @@ def _wrap(layer_module: nn.Module, index: int, groups: _Groups):
         kwargs = {k: (v if k in _NEVER_SLICE else _narrow(v, rep, B)) for k, v in kwargs.items()}
         if cl != "absent":  # rows of the new groups: from their old group, or the batch row
             _take_rows(cl, rep if held is None else held[rep])
+        if cache is not None:  # from here on the layer's cache holds one row per new group,
+            groups.layer_key[index] = inv  # also if the call below raises: restore() widens it
         out = original(*args, **kwargs)
-        if cache is not None and _cache_layer(cache, index) not in (None, "absent"):
-            groups.layer_key[index] = inv
         groups.rows_run += rep.numel()
         groups.rows_seen += B
         if isinstance(out, torch.Tensor):

@@ -199,3 +199,22 @@ def test_output_cache_reads_either_name_without_the_deprecated_one():
         assert output_cache(out) is out.cache
     old = types.SimpleNamespace(past_key_values="kv")  # older transformers outputs
     assert output_cache(old) == "kv"
+
+
+def test_cache_widened_back_when_a_layer_raises():
+    """A failing call inside the block leaves no narrowed cache behind."""
+    model, tok = tiny_model("llama", seed=4), tiny_tokenizer()
+    enc = _enc(tok, [p for p in PROMPTS for _ in range(3)])
+    out = model(**enc, use_cache=True)
+    cache = out.cache
+    B = enc["input_ids"].shape[0]
+    step = dict(input_ids=enc["input_ids"][:, -1:], use_cache=True, cache=cache,
+                attention_mask=torch.cat([enc["attention_mask"],
+                                          torch.ones(B, 1, dtype=torch.long)], 1))
+    boom = model.model.layers[1].mlp.register_forward_hook(
+        lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        with shared_trunk(model, 2):
+            model(**step)
+    boom.remove()
+    assert all(l.keys.shape[0] == B for l in cache.layers if l.keys is not None and l.keys.numel())
