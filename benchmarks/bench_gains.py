@@ -2,7 +2,9 @@
 and 11 edit configurations in one batched generate vs 11 sequential generates.
 
     python benchmarks/bench_gains.py                     # 1 intra-op thread (see below)
-    python benchmarks/bench_gains.py --threads 2 --decode-samples 60 --config-tokens 32
+    python benchmarks/bench_gains.py --threads 2 --config-tokens 32          # idle machine
+    python benchmarks/bench_gains.py --threads 2 --skip-latency --config-sets controls \
+        --shared-prefix --config-tokens 12
 
 Model: the embedded SmolLM2-135M-Instruct (``hp_fast.load_model()``, fp32, sdpa), 8 chat
 prompts, left padded, greedy, under ``torch.inference_mode()``. Edit: 16 random heads
@@ -18,10 +20,15 @@ and leaving a state is not timed. Each state's ratio vs unedited is the median o
 of (its time / the unedited time of the same round). A greedy ``generate`` per state checks
 that the tokens agree and gives the end-to-end time.
 
-Configurations: ``hp_fast.batched.generate_configs`` with the unedited model + 10 random
-16-head sets (gain -1) on the same 8 prompts: one batch of 88 rows vs 11 batches of 8
-(end to end: prompt formatting, prefill, decode, detokenization). The decode-step line
-times one step of the 88-row batch vs 11 steps of 8 rows: the bound for the decode phase.
+Configurations: two sets of 11 on the same 8 prompts. ``controls``: the unedited model + 10
+random controls layer-matched to the top-8 country heads of ``benchmarks/demo/ranking.json``
+(what an evaluation runs; first edited layer 22), ``random16``: the unedited model + 10 random
+16-head sets anywhere (gain -1; first edited layer 0). Each set: 11 sequential generates of 8
+rows vs one generate of 88 rows without and with the shared trunk (``hp_fast.trunk``); with
+``--shared-prefix`` also sequential and batched runs through ``generate_configs_shared_prefix``,
+and every speed-up is against the faster sequential method of the same round (end to end:
+prompt formatting, prefill, decode, detokenization). The decode-step line times one step of the
+88-row batch vs 11 steps of 8 rows (no sharing).
 
 Threads: on a 2-core machine shared with other jobs, two OpenMP threads are preempted inside
 their barriers and a forward pass becomes many times slower and erratic; one thread gives
