@@ -57,6 +57,7 @@ TIE_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 FRAGILE = 1e-2          # o_j / ||d_j||^2 under which s_j, o_j are recomputed from the row
 L1_MARGIN = 1e-4        # relative slack on the Cauchy-Schwarz bound (covers fp32 drift of s_j)
 L1_SEEDS = 8            # exact L1 scores computed first, per head, to set the pruning threshold
+L1_GROUP = 8            # heads scored together in the pruned L1 step (sorted by candidate count)
 REFRESH_DROP = {torch.float32: 1e-1, torch.float64: 1e-6}  # residual drop that triggers a refresh;
 # with it the recurrence keeps about 1e-6 relative accuracy, well inside TIE_RTOL
 DEFAULT_MEMORY = 1 << 30  # bytes of per-step state allowed for one batch of heads
@@ -232,19 +233,22 @@ def _init_F(D, MT, chunk_bytes):
     return F
 
 
-def _l1_exact(F, inv_norm, idx, Z, chunk_bytes):
-    """Exact L1 scores of atoms idx (B, m) per head from F (B, v, r): sum_i |F_j . z_i|,
-    normalized."""
-    B, m = idx.shape
+def _l1_exact(F, inv_norm, idx, Z, chunk_bytes, heads=None):
+    """Exact L1 scores of atoms idx (b, m) per head from F (B, v, r): sum_i |F_j . z_i|,
+    normalized. ``heads`` (b,) names the heads (rows of F and Z) that idx's rows belong to;
+    all B heads by default."""
+    b, m = idx.shape
     n, r = Z.shape[1], Z.shape[2]
-    out = torch.empty(B, m, dtype=F.dtype, device=F.device)
-    mc = max(16, chunk_bytes // max(1, B * (n + r) * F.element_size()))
-    ZT = Z.transpose(1, 2)
-    rows = torch.arange(B, device=F.device)[:, None]
+    if heads is None:
+        heads = torch.arange(F.shape[0], device=F.device)
+    out = torch.empty(b, m, dtype=F.dtype, device=F.device)
+    mc = max(16, chunk_bytes // max(1, b * (n + r) * F.element_size()))
+    ZT = Z[heads].transpose(1, 2)  # (b, r, n)
+    rows = heads[:, None]
     for c0 in range(0, m, mc):
         c1 = min(m, c0 + mc)
         ii = idx[:, c0:c1]
-        sc = torch.bmm(F[rows, ii], ZT).abs_().sum(dim=2)  # (B, mc): sum over samples of |corr|
+        sc = torch.bmm(F[rows, ii], ZT).abs_().sum(dim=2)  # (b, mc): sum over samples of |corr|
         if inv_norm is not None:
             sc *= inv_norm[ii]
         out[:, c0:c1] = sc
@@ -562,7 +566,16 @@ def _l1_select(F, inv_sq, inv_norm, s, margin, invalid, ub, Z, n, rtol, chunk, s
     idx[bi, pos] = ji
     filled = torch.zeros(B, m, dtype=torch.bool, device=dev)
     filled[bi, pos] = True
-    ex = _l1_exact(F, inv_norm, idx, Z, chunk)
+    # heads sorted by candidate count, scored L1_GROUP at a time up to the group's own count:
+    # one (B, max count) product would pad every head to the busiest one
+    ex = torch.full((B, m), -math.inf, dtype=s.dtype, device=dev)
+    order = torch.argsort(counts, descending=True)
+    for g0 in range(0, B, L1_GROUP):
+        hs = order[g0:g0 + L1_GROUP]
+        mg = int(counts[hs[0]])
+        if mg == 0:
+            break
+        ex[hs, :mg] = _l1_exact(F, inv_norm, idx[hs, :mg], Z, chunk, heads=hs)
     ex.masked_fill_(~filled, -math.inf)
     j, ok2 = pick(ex, rtol)  # lowest atom index among the near-best (rows are sorted)
     return idx[torch.arange(B, device=dev), j], ok & ok2

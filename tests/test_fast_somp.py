@@ -203,3 +203,17 @@ def test_backend_info_reports_the_small_kernel(monkeypatch):
     assert not fs._small_kernel_available(torch.zeros(1, 1), "l1")  # L1 stays in PyTorch
     monkeypatch.setattr(fs, "COMPILED_SMALL", False)
     assert hp_fast.backend_info()["somp_small_cpu"] == "torch (forced)"
+
+
+@pytest.mark.parametrize("group", [1, 3, 64])
+def test_l1_candidate_groups_match_reference(group, monkeypatch, path):
+    """The pruned L1 step scores heads in groups sorted by candidate count (L1_GROUP): several
+    groups of unequal sizes (11 heads in groups of 1 and 3) and one group give the reference's
+    supports."""
+    import hp_fast.fast_somp as fs
+    monkeypatch.setattr(fs, "L1_GROUP", group)
+    z, w_o, D = planted_heads(11, 13, 6, 24, 57, 4, stable_seed("groups", group))
+    ref = somp_reference(torch.bmm(z, w_o).double(), D.double(), 4, criterion="l1")
+    st = {}
+    got = fs.somp_heads_torch(z, w_o, D, 4, criterion="l1", stats=st)
+    check_same(ref, got)
