@@ -1,7 +1,8 @@
 """Builds the optional compiled operators in hp_fast._C.
 
 Metadata lives in pyproject.toml; this file only declares the extension:
-  * always the C++ CPU kernels (csrc/head_gain.cpp, csrc/somp_small.cpp, CppExtension);
+  * always the module and schemas (csrc/module.cpp) and the C++ CPU kernels
+    (csrc/head_gain.cpp, csrc/somp_small.cpp; shared checks in csrc/checks.h), CppExtension;
   * plus the CUDA kernel (csrc/cuda/head_gain.cu, CUDAExtension) when CUDA is usable:
     torch.cuda.is_available(), or FORCE_CUDA=1 with CUDA_HOME set and a CUDA build of torch.
 The extension is optional: if it fails to compile, installation still succeeds and
@@ -36,13 +37,16 @@ def _extensions_and_cmdclass():
     # headers, so without it the kernel silently runs on one thread.
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
-    sources = [os.path.join("csrc", "head_gain.cpp"), os.path.join("csrc", "somp_small.cpp")]
+    sources = [os.path.join("csrc", name)
+               for name in ("module.cpp", "head_gain.cpp", "somp_small.cpp")]
+    depends = [os.path.join("csrc", "checks.h")]  # header shared by the CPU and CUDA kernels
 
     if _cuda_usable(torch, cpp_extension):
         sources.append(os.path.join("csrc", "cuda", "head_gain.cu"))
         ext = cpp_extension.CUDAExtension(
             name="hp_fast._C",
             sources=sources,
+            depends=depends,
             # no --use_fast_math: results must match the CPU kernel bit for bit
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link_flags,
@@ -52,6 +56,7 @@ def _extensions_and_cmdclass():
         ext = cpp_extension.CppExtension(
             name="hp_fast._C",
             sources=sources,
+            depends=depends,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
             optional=True,

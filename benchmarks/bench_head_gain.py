@@ -7,28 +7,31 @@ attn is what SDPA returns, (B, H, T, dh) contiguous. The unfused baseline is wha
 does without the op: transpose to (B, T, H, dh), make it contiguous, multiply by the gains,
 reshape to (B, T, H*dh) for o_proj. The op does the same in one pass. Memory columns: bytes
 of new tensors each path allocates per call (the unfused path allocates the output twice).
+Times: median microseconds of ``torch.utils.benchmark.Timer.blocked_autorange`` over
+``--min-run-time`` seconds (0.3).
 
 Each case is timed twice: under torch.inference_mode() (how generation runs the edit hooks)
 and with grad mode on, where the op also passes through its Python autograd registration
 (a few microseconds per call, which dominates at T=1).
+
+The CSV holds the latest run only (``--csv`` elsewhere, ``--no-write`` not at all).
 """
 import argparse
 import contextlib
-import csv
 import itertools
 import os
 
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.benchmark import Timer
 
+from common import RESULTS_DIR, append_csv, machine, median_us
 from hp_fast import ops
 
 B, H, DH = 8, 9, 64
 SEQ_LENS = [1, 256]          # decode step, prompt
 DTYPES = [torch.float32, torch.bfloat16]
-OUT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "head_gain_cpu.csv")
+OUT_CSV = os.path.join(RESULTS_DIR, "head_gain_cpu.csv")
 
 
 def unfused(attn, gains):
@@ -60,48 +63,52 @@ def allocated_bytes(fn, *args):
     return counter.bytes
 
 
-def median_us(stmt, **env):
-    return Timer(stmt, globals=env).blocked_autorange(min_run_time=0.3).median * 1e6
+def measure(mode, dtype, T, backend, min_run_time):
+    """One CSV row: both paths at (B, H, T, dh) in ``dtype`` under ``mode``."""
+    with torch.inference_mode() if mode == "inference_mode" else contextlib.nullcontext():
+        attn = torch.randn(B, H, T, DH).to(dtype)     # (B, H, T, dh), SDPA layout
+        gains = torch.randn(H)                        # (H,) float32
+        base = median_us("unfused(attn, gains)", dict(unfused=unfused, attn=attn, gains=gains),
+                         min_run_time=min_run_time)
+        fused = median_us("head_gain(attn, gains, None, True)",
+                          dict(head_gain=ops.head_gain, attn=attn, gains=gains),
+                          min_run_time=min_run_time)
+        base_bytes = allocated_bytes(unfused, attn, gains)
+        fused_bytes = allocated_bytes(ops.head_gain, attn, gains, None, True)
+    return {"mode": mode, "dtype": str(dtype).removeprefix("torch."), "B": B, "H": H,
+            "T": T, "dh": DH, "threads": torch.get_num_threads(), "backend": backend,
+            "unfused_us": round(base, 2), "op_us": round(fused, 2),
+            "speedup": round(base / fused, 3),
+            "unfused_alloc_bytes": base_bytes, "op_alloc_bytes": fused_bytes}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+",
-                        default=sorted({1, torch.get_num_threads()}), help="torch.set_num_threads values")
-    thread_counts = parser.parse_args().threads
+                        default=sorted({1, torch.get_num_threads()}),
+                        help="torch.set_num_threads values")
+    parser.add_argument("--min-run-time", type=float, default=0.3,
+                        help="seconds of timing per case and path (blocked_autorange)")
+    parser.add_argument("--csv", default=OUT_CSV, help="where the rows go (replaced)")
+    parser.add_argument("--no-write", action="store_true", help="print only: do not write the CSV")
+    args = parser.parse_args()
     torch.manual_seed(0)
     backend = ops.op_backend("cpu")
-    print(f"torch {torch.__version__}, op backend: {backend}")
+    print(f"{machine().summary()}, op backend: {backend}")
     rows = []
-    for threads, mode in itertools.product(thread_counts, ["inference_mode", "grad_enabled"]):
+    for threads, mode in itertools.product(args.threads, ["inference_mode", "grad_enabled"]):
         torch.set_num_threads(threads)
-        for dtype in DTYPES:
-            for T in SEQ_LENS:
-                with torch.inference_mode() if mode == "inference_mode" else contextlib.nullcontext():
-                    attn = torch.randn(B, H, T, DH).to(dtype)     # (B, H, T, dh), SDPA layout
-                    gains = torch.randn(H)                        # (H,) float32
-                    base = median_us("unfused(attn, gains)", unfused=unfused, attn=attn, gains=gains)
-                    fused = median_us("head_gain(attn, gains, None, True)", head_gain=ops.head_gain,
-                                      attn=attn, gains=gains)
-                    base_bytes = allocated_bytes(unfused, attn, gains)
-                    fused_bytes = allocated_bytes(ops.head_gain, attn, gains, None, True)
-                rows.append({"mode": mode, "dtype": str(dtype).removeprefix("torch."), "B": B, "H": H,
-                             "T": T, "dh": DH, "threads": torch.get_num_threads(), "backend": backend,
-                             "unfused_us": round(base, 2), "op_us": round(fused, 2),
-                             "speedup": round(base / fused, 3),
-                             "unfused_alloc_bytes": base_bytes, "op_alloc_bytes": fused_bytes})
-    print(f"{'threads':>7} {'mode':>15} {'dtype':>9} {'T':>4} {'unfused us':>11} {'op us':>9} {'speedup':>8}"
-          f" {'unfused KiB':>12} {'op KiB':>8}")
+        rows += [measure(mode, dtype, T, backend, args.min_run_time)
+                 for dtype in DTYPES for T in SEQ_LENS]
+    print(f"{'threads':>7} {'mode':>15} {'dtype':>9} {'T':>4} {'unfused us':>11} {'op us':>9} "
+          f"{'speedup':>8} {'unfused KiB':>12} {'op KiB':>8}")
     for r in rows:
-        print(f"{r['threads']:>7} {r['mode']:>15} {r['dtype']:>9} {r['T']:>4} {r['unfused_us']:>11.1f} "
-              f"{r['op_us']:>9.1f} {r['speedup']:>7.2f}x {r['unfused_alloc_bytes'] / 1024:>12.1f}"
-              f" {r['op_alloc_bytes'] / 1024:>8.1f}")
-    os.makedirs(os.path.dirname(OUT_CSV), exist_ok=True)
-    with open(OUT_CSV, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {OUT_CSV}")
+        print(f"{r['threads']:>7} {r['mode']:>15} {r['dtype']:>9} {r['T']:>4} "
+              f"{r['unfused_us']:>11.1f} {r['op_us']:>9.1f} {r['speedup']:>7.2f}x "
+              f"{r['unfused_alloc_bytes'] / 1024:>12.1f} {r['op_alloc_bytes'] / 1024:>8.1f}")
+    if not args.no_write:
+        append_csv(args.csv, rows, replace=True)
+        print(f"wrote {args.csv}")
 
 
 if __name__ == "__main__":

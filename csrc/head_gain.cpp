@@ -15,16 +15,14 @@
 // one gain and rounded once, so results are bit-identical to
 // (attn.float() * g).to(attn.dtype).
 //
-// This file holds the schema, the shared input checks and the CPU kernel; the
-// CUDA kernel lives in cuda/head_gain.cu and is linked into the same module
-// when CUDA is built.
+// This file holds the CPU kernel. The schema is in module.cpp, the input checks
+// shared with the CUDA kernel (cuda/head_gain.cu, linked into the same module
+// when CUDA is built) in checks.h.
 //
 // CPU kernel: at::parallel_for over the B*T output rows (needs -fopenmp, see setup.py);
 // per row, a loop over heads, each copying one dh run. Contiguous runs use AVX2/F16C
 // loops on x86 CPUs where torch itself uses AVX2 or AVX512 (ATEN_CPU_CAPABILITY=default
 // turns them off), portable loops elsewhere; strided runs use a scalar loop.
-
-#include <Python.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -32,6 +30,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
+
+#include "checks.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -41,84 +41,7 @@
 #include <immintrin.h>
 #endif
 
-// `import hp_fast._C` loads this shared library, which runs the
-// TORCH_LIBRARY registrations below. The module itself is empty.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",  // name
-      "hp_fast compiled operators (registered under torch.ops.hp_fast)",
-      -1,       // no per-module state
-      nullptr,  // methods
-      nullptr,  // slots
-      nullptr,  // traverse
-      nullptr,  // clear
-      nullptr,  // free
-  };
-  return PyModule_Create(&module_def);
-}
-}
-
 namespace hp_fast {
-
-// Checks shared by the CPU and CUDA kernels (declared again in cuda/head_gain.cu).
-// Every message names the bad argument and says what is expected.
-void check_head_gain_inputs(
-    const at::Tensor& attn,
-    const at::Tensor& gains,
-    const std::optional<at::Tensor>& mask,
-    bool heads_first) {
-  TORCH_CHECK(
-      attn.dim() == 4,
-      "head_gain: attn must be 4-D, (B, H, T, dh) with heads_first=True or "
-      "(B, T, H, dh) with heads_first=False; got shape ",
-      attn.sizes());
-  const auto st = attn.scalar_type();
-  TORCH_CHECK(
-      st == at::kFloat || st == at::kHalf || st == at::kBFloat16 ||
-          st == at::kDouble,
-      "head_gain: attn must be float32, float16, bfloat16 or float64; got ",
-      st);
-  const int64_t B = attn.size(0);
-  const int64_t H = heads_first ? attn.size(1) : attn.size(2);
-  const int64_t T = heads_first ? attn.size(2) : attn.size(1);
-
-  const auto gain_type = st == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(
-      gains.scalar_type() == gain_type,
-      "head_gain: gains must be ", gain_type, " for attn of dtype ", st,
-      " (math is done in ", gain_type, "); got ", gains.scalar_type(),
-      ". Convert with gains.to(torch.", gain_type == at::kDouble ? "float64" : "float32", ")");
-  TORCH_CHECK(
-      gains.device() == attn.device(),
-      "head_gain: gains must be on attn's device ", attn.device(), "; got ",
-      gains.device());
-  TORCH_CHECK(
-      (gains.dim() == 1 && gains.size(0) == H) ||
-          (gains.dim() == 2 && gains.size(0) == B && gains.size(1) == H),
-      "head_gain: gains must have shape (H,) = (", H, ",) or (B, H) = (", B,
-      ", ", H, ") for attn of shape ", attn.sizes(),
-      " (heads_first=", heads_first ? "True" : "False", "); got ",
-      gains.sizes());
-
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    TORCH_CHECK(
-        m.scalar_type() == at::kBool,
-        "head_gain: mask must be a bool tensor; got ", m.scalar_type());
-    TORCH_CHECK(
-        m.device() == attn.device(),
-        "head_gain: mask must be on attn's device ", attn.device(), "; got ",
-        m.device());
-    TORCH_CHECK(
-        m.dim() == 2 && m.size(0) == B && m.size(1) == T,
-        "head_gain: mask must have shape (B, T) = (", B, ", ", T,
-        ") for attn of shape ", attn.sizes(), " (heads_first=",
-        heads_first ? "True" : "False", "); got ", m.sizes());
-  }
-}
-
 namespace {
 
 // ---- one head's run: y[0:n] = x[0:n] * g, math in opmath_t, one rounding -------------------
@@ -299,11 +222,6 @@ at::Tensor head_gain_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY(hp_fast, m) {
-  m.def(
-      "head_gain(Tensor attn, Tensor gains, Tensor? mask, bool heads_first) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(hp_fast, CPU, m) {
   m.impl("head_gain", &head_gain_cpu);

@@ -1,8 +1,9 @@
-// SOMP over a small (concept-sized) dictionary, one head at a time: the CPU kernel behind
-// hp_fast.fast_somp for the L2-type rules ("l2", "ormp") when v <= SMALL_V.
+// SOMP over a small (concept-sized) dictionary, one head at a time: the CPU kernel of
+// hp_fast::somp_small (schema in module.cpp, Python wrapper hp_fast.ops.somp_small) for the
+// L2-type rules ("l2", "ormp") when v <= SMALL_V (docs/fast-pursuit.md section 10).
 //
-// Same recurrences as the PyTorch twin _pursue_small (hp_fast/fast_somp.py, read its
-// docstring first), in atom space: with the Gram matrix Gd = D D.T (v, v), the projected
+// Same recurrences as the PyTorch twin pursue_small (hp_fast/pursuit/small_dictionary.py, read
+// its docstring first), in atom space: with the Gram matrix Gd = D D.T (v, v), the projected
 // dictionary E = D M.T (v, r) of the head and the stored columns A[t] = D q_t (v), no step
 // touches a d-dimensional vector. The twin runs all heads in lock step through many small
 // batched tensor ops whose operands stream from memory at every step; here each head runs
@@ -213,12 +214,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> somp_small_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(hp_fast, m) {
-  m.def("somp_small(Tensor E, Tensor Gd, Tensor G, Tensor L, Tensor atom_sq, Tensor total, "
-        "int k, bool ormp, bool normalize, float rtol, float span_tol, float refresh_drop) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(hp_fast, CPU, m) {
   m.impl("somp_small", &somp_small_cpu);

@@ -35,7 +35,8 @@ def backend_info() -> dict:
 
 def _small_kernel() -> str:
     """Which code runs l2/ormp over small (concept) dictionaries on the CPU."""
-    from . import fast_somp
-    if fast_somp._small_kernel_available(torch.zeros(1, 1), "ormp"):
+    from .pursuit import small_dictionary
+    if small_dictionary.small_kernel_available(torch.zeros(1, 1), "ormp"):
         return "cpp (hp_fast._C somp_small)"
-    return "torch (compiled kernel not built)" if fast_somp.COMPILED_SMALL else "torch (forced)"
+    return ("torch (compiled kernel not built)" if small_dictionary.COMPILED_SMALL
+            else "torch (forced)")

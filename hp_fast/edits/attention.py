@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Protocol
 import torch
 from torch import nn
 
-from . import ops
+from .. import ops
 
 PREFIX = "hp_fast_"
 

@@ -1,4 +1,4 @@
-"""Evaluation suite: the paper's experiments (method.md §4-6) on any model, with reports.
+"""Evaluation suite: the paper's experiments (docs/method.md section 4-6) on any model, with reports.
 
 ``run_qa`` (country questions, SQuAD F1/EM), ``run_keywords`` (colors / sentiments / numbers
 in free generation, inhibition and enhancement), ``run_toxicity`` (heads from an incomplete
@@ -19,13 +19,14 @@ __all__ = ["run_qa", "run_keywords", "run_toxicity", "run_eval", "Setting", "TAS
 
 def run_eval(task: str, model, tok, out, *, ks=None, n_random: int = 10, quick: bool = False,
              setting: Setting | None = None, concepts=None, n_test: int | None = None, alphas=None,
-             log=print) -> dict:
-    """Run one task with the CLI's defaults (ks 3,8,16; quick: 3,8)."""
+             questions=None, log=print) -> dict:
+    """Run one task with the CLI's defaults (ks 3,8,16; quick: 3,8). questions: qa only, a list
+    of ``Question`` (``data.questions.load_questions``) instead of the built-in set."""
     ks = ks or ([3, 8] if quick else [3, 8, 16])
     if task == "qa":
         sizes = {"n_test": n_test} if n_test else None
         return run_qa(model, tok, out, ks=ks, n_random=n_random, quick=quick, setting=setting,
-                      sizes=sizes, alphas=tuple(alphas or (-1.0,)), log=log)
+                      sizes=sizes, alphas=tuple(alphas or (-1.0,)), questions=questions, log=log)
     if task == "keywords":
         kw = {"concepts": tuple(concepts)} if concepts else {}
         return run_keywords(model, tok, out, ks=ks, n_random=n_random, quick=quick, setting=setting,

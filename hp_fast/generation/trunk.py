@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .adapters import VLM_MODEL_TYPES, get_adapter
+from ..models.adapters import VLM_MODEL_TYPES, get_adapter
 
 _NEVER_SLICE = {"cache_position"}
 

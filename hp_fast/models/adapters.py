@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .weights import is_conv1d, linear_shape, module_weight, storage_device
+
 
 @dataclass(frozen=True)
 class _Spec:
@@ -100,15 +102,17 @@ class ModelAdapter:
     hidden_size: int
     conv1d: bool
     unembedding: Callable[[], torch.Tensor]
+    dictionary_device: torch.device = torch.device("cpu")  # where unembedding() is returned
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     def w_o(self, layer: int) -> torch.Tensor:
-        """(d, H*dh) output projection of ``layer`` (a view, never a copy)."""
-        w = self.out_projs[layer].weight
-        return w.T if self.conv1d else w
+        """(d, H*dh) output projection of ``layer``: a view of the weight for a plain layer;
+        read from accelerate's offload storage or dequantized otherwise
+        (``hp_fast.models.weights.module_weight``)."""
+        return module_weight(self.out_projs[layer])
 
     def head_w_o(self, layer: int, head: int) -> torch.Tensor:
         """(dh, d): maps one head's output z (dh,) to its residual write z @ this."""
@@ -116,11 +120,29 @@ class ModelAdapter:
         cols = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return self.w_o(layer)[:, cols].T
 
+    def heads_w_o(self, heads) -> list[torch.Tensor]:
+        """[(dh, d)] float32 W_O slices of ``heads`` [(layer, head), ...] on
+        ``dictionary_device``, each layer's W_O read once (an offloaded or quantized layer
+        is read or dequantized once per call, not once per head); views for plain float32
+        layers already there."""
+        heads = [(int(l), int(h)) for l, h in heads]
+        for l, h in heads:
+            self._check_head(l, h)
+        out: list = [None] * len(heads)
+        for layer in sorted({l for l, _ in heads}):
+            w = self.w_o(layer).detach()  # (d, H*dh)
+            for i, (l, h) in enumerate(heads):
+                if l == layer:
+                    cols = slice(h * self.head_dim, (h + 1) * self.head_dim)
+                    out[i] = w[:, cols].T.to(self.dictionary_device, torch.float32)
+        return out
+
     def all_head_w_o(self, layers: list[int] | None = None) -> torch.Tensor:
-        """(len(layers)*H, dh, d) float32 copies of every head's W_O slice, layer-major."""
+        """(len(layers)*H, dh, d) float32 copies of every head's W_O slice, layer-major, on
+        ``dictionary_device`` (layers spread over devices are gathered there)."""
         layers = list(range(self.num_layers)) if layers is None else layers
-        H, dh = self.num_heads, self.head_dim
-        out = [self.w_o(l).detach().float().T.reshape(H, dh, -1) for l in layers]
+        H, dh, dev = self.num_heads, self.head_dim, self.dictionary_device
+        out = [self.w_o(l).detach().to(dev, torch.float32).T.reshape(H, dh, -1) for l in layers]
         return torch.cat(out, dim=0)
 
     def _check_head(self, layer: int, head: int) -> None:
@@ -149,8 +171,37 @@ def _text_config(model: nn.Module):
     return getattr(cfg, "text_config", None) or cfg
 
 
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Build the adapter for ``model`` or raise a ValueError listing the supported types."""
+class _AdapterCache:
+    """The adapter last built for one model and the modules it was built from.
+
+    Lives on the model (``model._hp_fast_adapter``). A copy of the model (``copy.deepcopy``,
+    pickling) gets an empty cache: the copied adapter's unembedding would still read the
+    original model's weight.
+    """
+
+    def __init__(self, parts: tuple = (), adapter: ModelAdapter | None = None):
+        self.parts, self.adapter = parts, adapter
+
+    def matches(self, parts: tuple) -> bool:
+        return len(parts) == len(self.parts) and all(a is b for a, b in zip(parts, self.parts))
+
+    def __deepcopy__(self, memo):
+        return _AdapterCache()
+
+    def __reduce__(self):
+        return (_AdapterCache, ())
+
+
+_CACHE_ATTR = "_hp_fast_adapter"
+
+
+def _locate(model: nn.Module):
+    """(model type, spec, layer list, out_projs, parts): where the heads are right now.
+
+    ``parts`` are the objects an adapter depends on (layer list, layers, attention modules,
+    W_O modules and their weights, output embedding); a cached adapter is valid while every
+    one of them is the same object.
+    """
     if not hasattr(model, "config"):
         raise ValueError("the model has no .config; pass a Hugging Face transformers model")
     mtype = _model_type(model)
@@ -159,7 +210,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         raise ValueError(
             f"architecture {mtype!r} is not supported; supported model types: "
             f"{', '.join(supported_architectures())}. Adding one is an entry in "
-            "hp_fast/adapters.py:_SPECS (layers path, attention attribute, W_O attribute).")
+            "hp_fast/models/adapters.py:_SPECS (layers path, attention attribute, W_O attribute).")
     layer_list = next((m for p in spec.layers if (m := _get_path(model, p)) is not None), None)
     if layer_list is None:
         raise ValueError(f"could not find the decoder layers of this {mtype} model "
@@ -167,16 +218,37 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     layers = list(layer_list)
     attns = [getattr(layer, spec.attn) for layer in layers]
     out_projs = [getattr(a, spec.out_proj) for a in attns]
+    parts = (layer_list, *layers, *attns, *out_projs,
+             *(getattr(o, "weight", None) for o in out_projs), model.get_output_embeddings())
+    return mtype, spec, layers, attns, out_projs, parts
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model`` or a ValueError listing the supported types.
+
+    Memoized per model: the same adapter comes back until the model's decoder layers, their
+    attention or W_O modules, the W_O weights or the output embedding are replaced (then a
+    fresh one is built), so callers may ask for it as often as they like.
+    """
+    mtype, spec, layers, attns, out_projs, parts = _locate(model)
+    cache = getattr(model, _CACHE_ATTR, None)
+    if isinstance(cache, _AdapterCache) and cache.matches(parts):
+        return cache.adapter
+    adapter = _build(model, mtype, spec, layers, attns, out_projs)
+    object.__setattr__(model, _CACHE_ATTR, _AdapterCache(parts, adapter))
+    return adapter
+
+
+def _build(model: nn.Module, mtype: str, spec: _Spec, layers, attns, out_projs) -> ModelAdapter:
     cfg = _text_config(model)
     H = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
-    w = out_projs[0].weight
-    in_width = w.shape[0] if spec.conv1d else w.shape[1]
-    d = w.shape[1] if spec.conv1d else w.shape[0]
+    d, in_width = linear_shape(out_projs[0])  # also refuses a W_O type it cannot read
     if in_width % H:
         raise ValueError(f"W_O input width {in_width} is not a multiple of {H} heads")
     out_emb = model.get_output_embeddings()
     if out_emb is None:
         raise ValueError("the model has no output embedding (lm_head); load a *ForCausalLM model")
     return ModelAdapter(model_type=mtype, layers=layers, attns=attns, out_projs=out_projs,
-                        num_heads=H, head_dim=in_width // H, hidden_size=d, conv1d=spec.conv1d,
-                        unembedding=lambda: out_emb.weight)
+                        num_heads=H, head_dim=in_width // H, hidden_size=d,
+                        conv1d=is_conv1d(out_projs[0]), unembedding=lambda: module_weight(out_emb),
+                        dictionary_device=storage_device(out_emb))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .placement import placement_kwargs
+
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
@@ -24,6 +26,11 @@ _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
 def cache_root() -> Path:
     """Folder for converted models (``$HP_FAST_CACHE`` or ``~/.cache/hp_fast``)."""
     return Path(os.environ.get("HP_FAST_CACHE", Path.home() / ".cache" / "hp_fast"))
+
+
+def embedded_cache_dir() -> Path:
+    """Folder of the embedded model's safetensors copy (its ``config._name_or_path``)."""
+    return cache_root() / _SMOLLM2_CACHE_NAME
 
 
 def embedded_gguf() -> Path:
@@ -87,26 +94,53 @@ def _load_embedded(**kw):
             target.rename(aside)
             warnings.warn(f"the cached model at {target} failed to load ({err}); moved it to "
                           f"{aside} and rebuilding from the GGUF")
-    model, tok = _from_gguf(embedded_gguf(), **kw)
+    # The cache is always float32 on the CPU, whatever this call asked for (a bfloat16 or
+    # offloaded first load must not become every later load's weights).
+    plain = {"dtype": torch.float32}
+    model, tok = _from_gguf(embedded_gguf(), **plain)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _write_cache(model, tok, target)
     except OSError as err:
         warnings.warn(f"could not write the model cache at {target} ({err}); "
                       "the next load converts the GGUF again (set HP_FAST_CACHE to a writable folder)")
-    return model, tok
+        return (model, tok) if kw == plain else _from_gguf(embedded_gguf(), **kw)
+    return (model, tok) if kw == plain else _load_folder(target, **kw)
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, **kw):
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, device=None, device_map=None,
+               max_memory=None, offload_folder=None, **kw):
     """Load ``(model, tokenizer)`` in eval mode with gradients off.
 
     name_or_path: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), a local folder, a
     ``.gguf`` file, or a Hugging Face model id already in the local HF cache (nothing is
-    downloaded when ``HF_HUB_OFFLINE=1``). Keyword arguments go to ``from_pretrained``
-    (``torch_dtype``, ``attn_implementation``, ...); ``trust_remote_code`` stays False
-    unless you pass it.
+    downloaded when ``HF_HUB_OFFLINE=1``).
+
+    Placement (checked before anything loads, ``hp_fast.models.placement``):
+    dtype: "float32" (default), "bfloat16"/"bf16", "float16"/"fp16", "auto" (the
+    checkpoint's) or a torch dtype; device: one device for the whole model ("cuda:0");
+    device_map: "auto" / "balanced" / "balanced_low_0" / "sequential" or {module name:
+    device | "cpu" | "disk"} for a model that does not fit one device (needs accelerate;
+    hp_fast reads offloaded W_O from accelerate's storage); max_memory: per-device limits
+    for a strategy, e.g. {0: "20GiB", "cpu": "60GiB"}; offload_folder: where "disk"
+    weights go (created).
+
+    Other keyword arguments go to ``from_pretrained`` (``attn_implementation``,
+    ``quantization_config=BitsAndBytesConfig(load_in_4bit=True)``, ...);
+    ``trust_remote_code`` stays False unless you pass it. The old name ``torch_dtype`` is
+    accepted as ``dtype``.
     """
-    kw.setdefault("dtype", torch.float32)
+    if "torch_dtype" in kw:
+        old = kw.pop("torch_dtype")
+        dtype = old if dtype is None else dtype
+    kw.update(placement_kwargs(dtype=dtype, device=device, device_map=device_map,
+                               max_memory=max_memory, offload_folder=offload_folder))
+    move_to = device if device is not None and "device_map" not in kw else None
+    model, tok = _load(name_or_path, **kw)
+    return (model.to(move_to), tok) if move_to is not None else (model, tok)
+
+
+def _load(name_or_path: str, **kw):
     if name_or_path == DEFAULT_MODEL:
         return _finish(*_load_embedded(**kw))
     path = Path(name_or_path)

@@ -1,14 +1,19 @@
-"""Public pursuit entry points and backend dispatch.
+"""Public pursuit entry points and backend dispatch (SOMP: docs/method.md section 3).
 
 ``somp``       raw signals (..., n, d) against a dictionary (v, d).
 ``somp_heads`` head-structured signals: H_b = z_b @ w_o_b, never formed by the fast paths.
-Both return ``SOMPResult`` with the conventions of ``hp_fast.somp`` (the reference module).
+Both return ``SOMPResult`` (``result``, which also lists the conventions every backend follows).
 
-Backends: ``"reference"`` (float64 loop, ``hp_fast.somp``), ``"torch"`` (``hp_fast.fast_somp``,
-CPU or GPU), ``"triton"`` (``hp_fast.triton_somp``, CUDA tensors, or the CPU under
+Backends: ``"reference"`` (the float64 textbook loop, ``reference``), ``"torch"``
+(``torch_backend``, CPU or GPU), ``"triton"`` (``triton_backend``, CUDA tensors, or the CPU under
 ``TRITON_INTERPRET=1``). ``"auto"`` picks Triton for CUDA tensors when Triton imports, else torch.
-The environment variable ``HP_FAST_SOMP_BACKEND`` forces a backend over the argument.
-``SOMPResult.backend`` says which one ran.
+The environment variable ``HP_FAST_SOMP_BACKEND`` (``ENV_VAR``) forces a backend over the
+argument. ``SOMPResult.backend`` says which one ran. How the fast backends work:
+docs/fast-pursuit.md.
+
+Modules: ``result`` (output type, input checks), ``reference``, ``numerics`` (shared by the fast
+backends), ``l1_pruning``, ``small_dictionary`` (atom space), ``torch_backend``,
+``triton_backend`` with ``triton_kernels``.
 """
 from __future__ import annotations
 
@@ -16,11 +21,13 @@ import os
 
 import torch
 
-from .fast_somp import check_heads
-from .somp import SOMPResult, check_inputs, somp_reference
+from .reference import somp_reference
+from .result import SOMPResult, check_heads, check_inputs
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 ENV_VAR = "HP_FAST_SOMP_BACKEND"
+
+__all__ = ["somp", "somp_heads", "resolve_backend", "SOMPResult", "BACKENDS", "ENV_VAR"]
 
 
 def _triton_usable() -> bool:
@@ -49,7 +56,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def somp(signals: torch.Tensor, dictionary: torch.Tensor, k: int, *, criterion: str = "l1",
          normalize: bool = True, center: bool = False, return_coefficients: bool = False,
          backend: str = "auto") -> SOMPResult:
-    """SOMP of ``signals (..., n, d)`` on ``dictionary (v, d)``; see ``hp_fast.somp`` module.
+    """SOMP of ``signals (..., n, d)`` on ``dictionary (v, d)``; conventions in ``result``.
 
     Returns support/evr (..., k) and, on request, coefficients (..., n, k) on the raw atoms."""
     check_inputs(signals, dictionary, k, criterion)
@@ -58,10 +65,10 @@ def somp(signals: torch.Tensor, dictionary: torch.Tensor, k: int, *, criterion: 
         return somp_reference(signals, dictionary, k, criterion=criterion, normalize=normalize,
                               center=center, return_coefficients=return_coefficients)
     if which == "torch":
-        from .fast_somp import somp_torch
+        from .torch_backend import somp_torch
         return somp_torch(signals, dictionary, k, criterion=criterion, normalize=normalize,
                           center=center, return_coefficients=return_coefficients)
-    from .triton_somp import somp_triton
+    from .triton_backend import somp_triton
     return somp_triton(signals, dictionary, k, criterion=criterion, normalize=normalize,
                        center=center, return_coefficients=return_coefficients)
 
@@ -75,7 +82,7 @@ def somp_heads(z: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, k: 
     dictionary (v, d). Returns support/evr (B, k).
 
     The fast backends never form the (n, d) signals nor any (v, n) matrix: each head is a
-    projected dictionary ``D @ w_o[b].T`` updated by rank one per step (fast-pursuit.md
+    projected dictionary ``D @ w_o[b].T`` updated by rank one per step (docs/fast-pursuit.md
     sections 3-5), heads are batched so every step is one large matrix product, and the
     vocabulary is processed in chunks. Extra peak memory (torch backend) is bounded by about
     1.25 GiB plus an fp32 copy of the dictionary if it is given in another dtype plus ``Q``
@@ -90,9 +97,9 @@ def somp_heads(z: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, k: 
         return somp_reference(H, dictionary, k, criterion=criterion, normalize=normalize,
                               center=center)
     if which == "torch":
-        from .fast_somp import somp_heads_torch
+        from .torch_backend import somp_heads_torch
         return somp_heads_torch(z, w_o, dictionary, k, criterion=criterion, normalize=normalize,
                                 center=center, progress=progress)
-    from .triton_somp import somp_heads_triton
+    from .triton_backend import somp_heads_triton
     return somp_heads_triton(z, w_o, dictionary, k, criterion=criterion, normalize=normalize,
                              center=center, progress=progress)

@@ -62,7 +62,7 @@ def tiny_tokenizer():
 
 def oproj_inputs(model, enc) -> list:
     """Independent reference: the raw input of every layer's W_O, captured by a plain hook."""
-    from hp_fast.adapters import get_adapter
+    from hp_fast.models.adapters import get_adapter
     ad = get_adapter(model)
     seen = {}
     hs = [p.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0].clone()))

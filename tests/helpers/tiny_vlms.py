@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 import transformers as tf
 
-from tiny_models import WORDS
+from helpers.tiny_models import WORDS
 
 VOCAB = 160
 _TEXT = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from hp_fast.cli import main, parse_heads, parse_layers, read_prompts
-from tiny_models import tiny_model, tiny_tokenizer
+from helpers.tiny_models import tiny_model, tiny_tokenizer
 
 PROMPTS = ["the city of paris is in france", "what color is the sky", "a red car and a blue house",
            "which country is berlin in", "describe a cat", "one two three"]
@@ -81,7 +81,7 @@ def test_parsers(tmp_path):
 
 def test_eval_classify_on_a_tiny_vlm_folder(tmp_path):
     """`hp-fast eval classify` loads a VLM folder and runs the digits protocol end to end."""
-    from tiny_vlms import tiny_vlm
+    from helpers.tiny_vlms import tiny_vlm
     model, proc = tiny_vlm("llava")
     folder = tmp_path / "vlm"
     model.save_pretrained(folder)

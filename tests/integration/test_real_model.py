@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hp_fast
-from hp_fast.generation import generate_answers
+from hp_fast.generation.loop import generate_answers
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_capture_rank_describe_edit_generate(real, tmp_path):
 
 def test_cache_is_reused_and_corrupt_cache_is_moved_aside(real, tmp_path, monkeypatch):
     """A corrupted cache is set aside (not deleted) and rebuilt from the GGUF."""
-    from hp_fast import models
+    from hp_fast.models import loading as models
     monkeypatch.setenv("HP_FAST_CACHE", str(tmp_path))
     target = tmp_path / models._SMOLLM2_CACHE_NAME
     target.mkdir()
@@ -72,7 +72,7 @@ def test_readme_quick_start_runs(real, monkeypatch):
     """The README's Python quick start runs as written (documentation that runs)."""
     import pathlib
     import re
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
     code = re.search(r"## Python quick start\n\n```python\n(.*?)```", readme, re.S).group(1)
     monkeypatch.setattr(hp_fast, "load_model", lambda *a, **k: real)  # reuse the session's model
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})

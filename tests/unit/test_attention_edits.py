@@ -1,4 +1,4 @@
-"""edit_heads through transformers' attention registry (hp_fast.attention) vs references.
+"""edit_heads through transformers' attention registry (hp_fast.edits.attention) vs references.
 
 The reference is independent of hp_fast: a plain pre-hook on every W_O that multiplies
 each head's (B, T, dh) slice of the input by its gain (where a position mask says so).
@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hp_fast import attention
-from hp_fast.adapters import get_adapter
+from hp_fast.edits import attention
+from hp_fast.models.adapters import get_adapter
 from hp_fast.edits import edit_heads, edit_path
-from tiny_models import oproj_inputs, tiny_model, tiny_tokenizer
+from helpers.tiny_models import oproj_inputs, tiny_model, tiny_tokenizer
 
 PROMPTS = ["the city of paris is in france", "what color is the sky", "one two three",
            "which country is berlin in"]
@@ -259,7 +259,7 @@ def test_vlm_language_backbone_attention_path(family):
     """VLMs: the decoder's attention goes through the wrapper (sdpa), the vision tower keeps its
     implementation, and image-position edits equal the hook path exactly."""
     tiny_vlms = pytest.importorskip("tiny_vlms")
-    vlm = pytest.importorskip("hp_fast.vlm")
+    vlm = pytest.importorskip("hp_fast.models.vlm")
     import numpy as np
     from PIL import Image
     model, proc = tiny_vlms.tiny_vlm(family)

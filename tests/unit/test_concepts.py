@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import tokenizers_fixtures as F
+from helpers import tokenizers_fixtures as F
 from hp_fast.concepts import (BUILTIN_CONCEPTS, ConceptTokens, WordListNotFoundError,
                               builtin_concepts, builtin_path, concept_tokens, load_words,
                               surface_forms)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = sorted(F.ALL_TINY)
 
 

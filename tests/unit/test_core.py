@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import hp_fast
-from hp_fast.adapters import get_adapter
-from tiny_models import oproj_inputs, ARCHS, tiny_model, tiny_tokenizer
+from hp_fast.models.adapters import get_adapter
+from helpers.tiny_models import oproj_inputs, ARCHS, tiny_model, tiny_tokenizer
 
 PROMPTS = ["the city of paris is in france", "what color is the sky", "one two three",
            "which country is berlin in", "a red car and a blue house", "describe a cat"]
@@ -235,8 +235,8 @@ def test_capture_many_equals_separate_captures(tok):
 
 
 def test_generate_configs_equals_sequential_runs(tok):
-    from hp_fast.batched import generate_configs
-    from hp_fast.generation import generate_answers
+    from hp_fast.generation.configs import generate_configs
+    from hp_fast.generation.loop import generate_answers
     model = tiny_model("llama", seed=5)
     prompts = PROMPTS[:4]
     configs = [None, {(0, 1): -1.0, (2, 3): 5.0}, {(1, 0): 0.0}]
@@ -256,3 +256,89 @@ def test_capture_nan_activations_raise_clear_error(tok):
         get_adapter(model).attns[1].v_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf head outputs"):
         hp_fast.capture(model, tok, PROMPTS[:2], chat_template=False, progress=False)
+
+
+# ---- get_adapter memoization ----------------------------------------------------------------
+
+def test_get_adapter_is_memoized_per_model():
+    model = tiny_model("llama")
+    ad = get_adapter(model)
+    assert get_adapter(model) is ad and hp_fast.get_adapter(model) is ad
+    other = tiny_model("llama")
+    assert get_adapter(other) is not ad and get_adapter(other).out_projs[0] is not ad.out_projs[0]
+
+
+def test_get_adapter_is_rebuilt_when_modules_are_swapped():
+    import copy
+    model = tiny_model("llama")
+    layers = model.model.layers
+    ad = get_adapter(model)
+    layers[1].self_attn.o_proj = copy.deepcopy(layers[1].self_attn.o_proj)      # a new W_O module
+    ad2 = get_adapter(model)
+    assert ad2 is not ad and ad2.out_projs[1] is layers[1].self_attn.o_proj
+    assert get_adapter(model) is ad2
+    layers[0].self_attn.o_proj.weight = torch.nn.Parameter(torch.zeros(48, 48))  # a new W_O weight
+    ad3 = get_adapter(model)
+    assert ad3 is not ad2 and torch.equal(ad3.w_o(0), torch.zeros(48, 48))
+    layers[2] = copy.deepcopy(layers[2])                                         # a new decoder layer
+    ad4 = get_adapter(model)
+    assert ad4 is not ad3 and ad4.layers[2] is layers[2] and ad4.out_projs[2] is layers[2].self_attn.o_proj
+    del layers[2]                                                                # same list, shorter
+    assert get_adapter(model).num_layers == 2
+    model.model.layers = torch.nn.ModuleList([layers[1]])                        # a new list object
+    ad6 = get_adapter(model)
+    assert ad6.num_layers == 1 and ad6.layers[0] is layers[1]
+
+
+def test_get_adapter_of_a_copied_model_reads_the_copy():
+    import copy
+    model = tiny_model("gpt2")
+    ad = get_adapter(model)
+    clone = copy.deepcopy(model)
+    cad = get_adapter(clone)
+    assert cad is not ad and cad.out_projs[0] is clone.transformer.h[0].attn.c_proj
+    assert cad.unembedding() is clone.lm_head.weight and ad.unembedding() is model.lm_head.weight
+    assert get_adapter(model) is ad
+
+
+# ---- one capture core -----------------------------------------------------------------------
+
+def test_capture_core_sends_each_batch_to_the_sink(tok):
+    from hp_fast.capture import CaptureBatch, capture_batches, capture_many, position_ids
+    model = tiny_model("llama")
+    texts = PROMPTS[:5]
+
+    def make_batch(start, stop):
+        enc = tok(texts[start:stop], return_tensors="pt", padding=True)
+        mask = enc["attention_mask"]  # (B, T)
+        return CaptureBatch(dict(enc, position_ids=position_ids(mask)), {"mean": mask, "last": mask})
+
+    class Spy:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, start, stop, z):
+            self.calls.append((start, stop, {a: t.clone() for a, t in z.items()}))
+
+    sink = Spy()
+    capture_batches(model, len(texts), make_batch, ("mean", "last"), sink, batch_size=2, progress=False)
+    assert [(a, b) for a, b, _ in sink.calls] == [(0, 2), (2, 4), (4, 5)]
+    ad = get_adapter(model)
+    assert all(z[a].shape == (b - s, 3, 6, ad.head_dim) for s, b, z in sink.calls for a in z)
+    assert not any(p._forward_pre_hooks for p in ad.out_projs)  # hooks removed afterwards
+    want = capture_many(model, tok, texts, chat_template=False, batch_size=2, progress=False)
+    for agg in ("mean", "last"):
+        got = torch.cat([z[agg] for _, _, z in sink.calls])
+        torch.testing.assert_close(got, want[agg].z, rtol=0, atol=0)
+
+
+def test_text_capture_goes_through_the_core(tok, monkeypatch):
+    import importlib
+    import inspect
+    core = importlib.import_module("hp_fast.capture")
+    calls = []
+    real = core.capture_batches
+    monkeypatch.setattr(core, "capture_batches", lambda *a, **k: calls.append(k["what"]) or real(*a, **k))
+    hp_fast.capture(tiny_model("llama"), tok, PROMPTS[:2], chat_template=False, progress=False)
+    assert calls == ["prompts"]
+    assert inspect.getsource(core).count("register_forward_pre_hook") == 1  # the one hook site

@@ -9,19 +9,18 @@ import math
 import pytest
 import torch
 
-from hp_fast import demo
-from hp_fast.batched import generate_configs
+from hp_fast.generation.configs import generate_configs
 from hp_fast.cli import build_parser
 from hp_fast.evaluation import run_keywords, run_qa, run_toxicity
 from hp_fast.evaluation.keywords import TextItem, keyword_metric
-from hp_fast.evaluation.prefix import generate_configs_shared_prefix, shared_prefix_length
-from hp_fast.evaluation.protocol import (Perplexity, Setting, normalized, set_threads, split_items,
-                                         split_words)
-from hp_fast.evaluation.qa import qa_metrics, target_check
+from hp_fast.generation.prefix import generate_configs_shared_prefix, shared_prefix_length
+from hp_fast.evaluation.protocol import (CHOICES, Perplexity, Setting, normalized, set_threads,
+                                         split_items, split_words, sweep)
+from hp_fast.evaluation.qa import accuracy_per_kind, qa_metrics, target_check
 from hp_fast.evaluation.toxicity import Opening, toxicity_metric
-from hp_fast.qa_data import Question
+from hp_fast.data.qa import Question
 from hp_fast.ranking import HeadRanking
-from tiny_models import WORDS, tiny_model, tiny_tokenizer
+from helpers.tiny_models import WORDS, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -138,8 +137,8 @@ def test_sweep_normalizes_and_controls_are_layer_matched_and_disjoint():
             out.append(["no" if bad and i < 2 else "yes" for i in range(len(prompts))])
         return out
 
-    base, rows = demo.sweep(None, None, items, somp, ll, [1, 3], 6, L, H, metric=qa_metrics,
-                            generate=fake_generate, keep_answers=True)
+    base, rows = sweep(None, None, items, somp, ll, [1, 3], 6, L, H, metric=qa_metrics,
+                       generate=fake_generate, keep_answers=True)
     assert base["country_f1"] == 1.0 and base["other_f1"] == 1.0
     for r in rows:
         assert r["somp"]["country_f1"] == 0.0 and r["somp"]["other_f1"] == 1.0
@@ -163,10 +162,30 @@ def test_sweep_gains_are_applied_per_alpha():
 
     items = [Question("q", ("yes",), "country"), Question("r", ("yes",), "other")]
     r = _ranking([(0, 0), (1, 1)], 2, 3)
-    _, rows = demo.sweep(None, None, items, r, r, [2], 2, 2, 3, alphas=(-1.0, 5.0), generate=fake_generate)
+    _, rows = sweep(None, None, items, r, r, [2], 2, 2, 3, alphas=(-1.0, 5.0), metric=accuracy_per_kind,
+                    generate=fake_generate)
     assert [row["alpha"] for row in rows] == [-1.0, 5.0]
     assert seen[0] is None and {v for c in seen[1:] for v in c.values()} == {-1.0, 5.0}
     assert rows[0]["random_sets"] == rows[1]["random_sets"]  # the same controls at every gain
+
+
+def test_report_reads_both_description_shapes():
+    """describe_top_heads' list, and the demo's older {"layer.head": {...}} mapping (a saved file)."""
+    from pathlib import Path
+    from hp_fast.evaluation.report import _descriptions, description_rows
+    new = [{"layer": 29, "head": 2, "score": 0.5, "somp": ["a"], "logit_lens": ["b"], "somp_concept": ["c"]}]
+    assert description_rows(new) == new
+    old = {"29.2": {"somp": ["a"], "logit_lens": ["b"]}, "3.10": {"somp": [], "logit_lens": ["x"]}}
+    rows = description_rows(old)
+    assert [(r["layer"], r["head"]) for r in rows] == [(29, 2), (3, 10)] and math.isnan(rows[0]["score"])
+    assert rows[0]["somp"] == ["a"] and rows[1]["logit_lens"] == ["x"]
+    lines = []
+    _descriptions(lines, old)
+    assert lines[2].startswith("| L29.H2 | +nan | 'a' | 'b' |")
+    saved = Path(__file__).parents[2] / "benchmarks" / "demo" / "results.json"
+    if saved.is_file():  # the demo's results from before the change
+        descs = json.loads(saved.read_text())["descriptions"]
+        assert len(description_rows(descs)) == len(descs) > 0
 
 
 # ----------------------------------------------------------------------------- generation helpers
@@ -241,7 +260,8 @@ def test_qa_end_to_end_on_tiny_model(tmp_path):
                  sizes=dict(n_val=2, n_test=4), log=lambda *a: None)
     data = _check_report(tmp_path, ["f1_vs_k.png", "em_vs_k.png", "heads.png"])
     assert data["test_base"]["country_f1"] == 1.0 and len(data["rows"]) == 2
-    assert len(data["settings_tried"]) == len(demo.CHOICES) + 2
+    assert len(data["settings_tried"]) == len(CHOICES) + 2
+    assert set(data["descriptions"][0]) == {"layer", "head", "score", "somp", "logit_lens", "somp_concept"}
     assert res["target_check"]["summary"]
     assert "What was tried" in (tmp_path / "report.md").read_text()
 

@@ -1,90 +1,40 @@
-"""The fast torch path (hp_fast.fast_somp) against the float64 reference.
+"""The fast torch path (hp_fast.pursuit.torch_backend) against the float64 reference.
 
 Inputs have a unique greedy path (sparse combinations of planted atoms with weights 8, 4, 2, 1, ...
 and small noise), so a different support is a bug, not a tie. EVR tolerance: 2e-5 absolute; the
 fast path computes in fp32 and the EVR is a ratio of sums of squares, good to about 1e-6.
 """
 import pytest
-import zlib
-
 import torch
 
 from hp_fast.pursuit import resolve_backend, somp, somp_heads
-from hp_fast.somp import somp_reference
+from hp_fast.pursuit.reference import somp_reference
+from helpers.planted import (CASES, CRITERIA, EVR_ATOL, check_same, planted, planted_heads,
+                             stable_seed)
 
-EVR_ATOL = 2e-5
-CRITERIA = ("l1", "l2", "ormp")
-
-
-def stable_seed(*parts) -> int:
-    """A seed that is the same in every process (Python's str hash is salted per process)."""
-    return zlib.crc32(repr(parts).encode()) % 1000
-
-
-def planted(B, n, d, v, ks, seed, dup=False, dtype=torch.float32):
-    """H (B, n, d) = sparse combos of ks planted atoms with geometric weights; D (v, d)."""
-    g = torch.Generator().manual_seed(seed)
-    D = torch.randn(v, d, generator=g)
-    D = D * (0.5 + torch.rand(v, 1, generator=g))  # unequal norms: normalize matters
-    idx = torch.stack([torch.randperm(v, generator=g)[:ks] for _ in range(B)])
-    if dup:  # an exact copy of a planted atom elsewhere in the dictionary
-        j = int(idx[0, 0])
-        D[(j + 5) % v] = D[j]
-    w = 8.0 * 2.0 ** -torch.arange(ks, dtype=torch.float32)
-    C = (torch.rand(B, n, ks, generator=g) + 0.5) * w
-    H = torch.einsum("bnk,bkd->bnd", C, D[idx]) + 1e-3 * torch.randn(B, n, d, generator=g)
-    return H.to(dtype), D.to(dtype)
-
-
-def planted_heads(B, n, dh, d, v, ks, seed):
-    """z (B, n, dh), w_o (B, dh, d) whose products are combos of ks planted atoms."""
-    g = torch.Generator().manual_seed(seed)
-    D = torch.randn(v, d, generator=g)
-    idx = torch.stack([torch.randperm(v, generator=g)[:ks] for _ in range(B)])
-    w = 8.0 * 2.0 ** -torch.arange(ks, dtype=torch.float32)
-    A = torch.randn(B, dh, ks, generator=g) * w
-    w_o = A @ D[idx] + 1e-3 * torch.randn(B, dh, d, generator=g)
-    z = torch.randn(B, n, dh, generator=g)
-    return z, w_o, D
-
-
-# (B, n, d, v, ks, k, extra): odd sizes, n=1, v below one tile, k = v, duplicates, bf16
-CASES = {
-    "odd": (2, 7, 23, 37, 4, 4, {}),
-    "n1": (2, 1, 16, 29, 3, 3, {}),
-    "v_small": (1, 5, 16, 10, 3, 3, {}),
-    "k_eq_v": (2, 4, 12, 5, 5, 5, {}),
-    "dup": (2, 6, 16, 20, 3, 3, {"dup": True}),
-    "bf16": (2, 6, 20, 33, 3, 3, {"dtype": torch.bfloat16}),
-}
-
-
-def check_same(ref, got, coef=False):
-    assert torch.equal(ref.support, got.support.cpu()), (ref.support, got.support)
-    torch.testing.assert_close(got.evr.double().cpu(), ref.evr, atol=EVR_ATOL, rtol=0)
-    if coef:
-        scale = ref.coefficients.abs().max().clamp_min(1.0)
-        assert (got.coefficients.double().cpu() - ref.coefficients).abs().max() < 1e-3 * scale
-
-
-@pytest.fixture(params=["atom_space", "atom_space_torch", "dictionary_space"])
+@pytest.fixture(params=["atom_space", "atom_space_torch", "dictionary_space", "bounded"])
 def path(request, monkeypatch):
     """Every CPU algorithm: atom space for small dictionaries (the compiled kernel for l2/ormp
-    when the extension is built, and its PyTorch twin) and the D-product one (large)."""
-    import hp_fast.fast_somp as fs
-    if request.param == "dictionary_space":
-        monkeypatch.setattr(fs, "SMALL_V", 0)
+    when the extension is built, and its PyTorch twin), and for large ones the dense
+    D-product loop and the bounded one (bounded.py, the default)."""
+    import hp_fast.pursuit.small_dictionary as sd
+    import hp_fast.pursuit.torch_backend as tb
+    if request.param in ("dictionary_space", "bounded"):
+        monkeypatch.setattr(sd, "SMALL_V", 0)
+        monkeypatch.setattr(tb, "LARGE_METHOD", "dense" if request.param == "dictionary_space"
+                            else "bounded")
     if request.param == "atom_space_torch":
-        monkeypatch.setattr(fs, "COMPILED_SMALL", False)
+        monkeypatch.setattr(sd, "COMPILED_SMALL", False)
     return request.param
 
 
 def test_compiled_atom_space_kernel_is_used_and_matches_its_twin(monkeypatch):
-    """csrc/somp_small.cpp vs _pursue_small on fresh random heads (unique greedy path) of
+    """csrc/somp_small.cpp vs pursue_small on fresh random heads (unique greedy path) of
     several shapes, float32 and float64: same supports, EVR within 1e-6 (float32: both
     accumulate the same sums in a different order) or 1e-12 (float64)."""
-    import hp_fast.fast_somp as fs
-    if not fs._small_kernel_available(torch.zeros(1, 1), "ormp"):
+    import hp_fast.pursuit.small_dictionary as sd
+    import hp_fast.pursuit.torch_backend as fs
+    if not sd.small_kernel_available(torch.zeros(1, 1), "ormp"):
         pytest.skip("hp_fast._C not built: the PyTorch twin is the only atom-space path")
     for (B, n, dh, d, v, ks) in [(3, 9, 5, 17, 23, 4), (2, 1, 8, 16, 40, 3), (4, 40, 16, 48, 301, 6),
                                  (1, 3, 2, 7, 1, 1)]:
@@ -97,10 +47,10 @@ def test_compiled_atom_space_kernel_is_used_and_matches_its_twin(monkeypatch):
                     got = fs.somp_heads_torch(z, w_o, D, k, criterion=crit, normalize=norm,
                                               dtype=dt, stats=st)
                     assert st["path"] == "small-compiled"
-                    monkeypatch.setattr(fs, "COMPILED_SMALL", False)
+                    monkeypatch.setattr(sd, "COMPILED_SMALL", False)
                     want = fs.somp_heads_torch(z, w_o, D, k, criterion=crit, normalize=norm,
                                                dtype=dt, stats=st)
-                    monkeypatch.setattr(fs, "COMPILED_SMALL", True)
+                    monkeypatch.setattr(sd, "COMPILED_SMALL", True)
                     assert st["path"] == "small-torch"
                     assert torch.equal(got.support, want.support)
                     assert float((got.evr - want.evr).abs().max()) <= tol
@@ -123,7 +73,7 @@ def test_torch_matches_reference(case, criterion, normalize, center, path):
 
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_torch_float64_flag(criterion, path):
-    from hp_fast.fast_somp import somp_torch
+    from hp_fast.pursuit.torch_backend import somp_torch
     H, D = planted(2, 8, 18, 31, 4, seed=5)
     ref = somp_reference(H, D, 4, criterion=criterion)
     got = somp_torch(H, D, 4, criterion=criterion, dtype=torch.float64)
@@ -140,7 +90,7 @@ def test_heads_match_reference(criterion, center, path):
     got = somp_heads(z, w_o, D, 4, criterion=criterion, center=center, backend="torch")
     check_same(ref, got)
     # more steps than planted atoms, several head batches (tiny memory budget), n < dh
-    from hp_fast.fast_somp import somp_heads_torch
+    from hp_fast.pursuit.torch_backend import somp_heads_torch
     z2 = z[:, :4]
     ref = somp_heads(z2, w_o, D, 6, criterion=criterion, center=center, backend="reference")
     st = {}
@@ -196,12 +146,13 @@ def test_dispatch_and_errors(monkeypatch):
 
 def test_backend_info_reports_the_small_kernel(monkeypatch):
     import hp_fast
-    import hp_fast.fast_somp as fs
-    built = fs._small_kernel_available(torch.zeros(1, 1), "l2")
+    import hp_fast.pursuit.small_dictionary as sd
+    built = sd.small_kernel_available(torch.zeros(1, 1), "l2")
+    assert built == hp_fast.ops.somp_small_available()
     info = hp_fast.backend_info()["somp_small_cpu"]
     assert info.startswith("cpp") == built
-    assert not fs._small_kernel_available(torch.zeros(1, 1), "l1")  # L1 stays in PyTorch
-    monkeypatch.setattr(fs, "COMPILED_SMALL", False)
+    assert not sd.small_kernel_available(torch.zeros(1, 1), "l1")  # L1 stays in PyTorch
+    monkeypatch.setattr(sd, "COMPILED_SMALL", False)
     assert hp_fast.backend_info()["somp_small_cpu"] == "torch (forced)"
 
 
@@ -210,8 +161,9 @@ def test_l1_candidate_groups_match_reference(group, monkeypatch, path):
     """The pruned L1 step scores heads in groups sorted by candidate count (L1_GROUP): several
     groups of unequal sizes (11 heads in groups of 1 and 3) and one group give the reference's
     supports."""
-    import hp_fast.fast_somp as fs
-    monkeypatch.setattr(fs, "L1_GROUP", group)
+    import hp_fast.pursuit.l1_pruning as l1
+    import hp_fast.pursuit.torch_backend as fs
+    monkeypatch.setattr(l1, "L1_GROUP", group)
     z, w_o, D = planted_heads(11, 13, 6, 24, 57, 4, stable_seed("groups", group))
     ref = somp_reference(torch.bmm(z, w_o).double(), D.double(), 4, criterion="l1")
     st = {}

@@ -1,4 +1,4 @@
-"""Evaluation metrics (hp_fast.metrics) on examples computed by hand in the comments."""
+"""Evaluation metrics (hp_fast.evaluation.metrics) on examples computed by hand in the comments."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from hp_fast.metrics import (bleu, cider_d, cider_d_scores, corpus_bleu, count_keywords,
+from hp_fast.evaluation.metrics import (bleu, cider_d, cider_d_scores, corpus_bleu, count_keywords,
                              exact_match, keyword_hits, normalize_answer, rouge_l, token_f1,
                              words)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import hp_fast
-from hp_fast.adapters import get_adapter
-from tiny_models import tiny_model, tiny_tokenizer
+from hp_fast.models.adapters import get_adapter
+from helpers.tiny_models import tiny_model, tiny_tokenizer
 
 CONCEPT = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "brown"]
 PROMPTS = ["the city of paris is in france", "what color is the sky", "one two three four",

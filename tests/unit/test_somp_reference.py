@@ -1,8 +1,8 @@
-"""Invariants of the float64 reference SOMP (hp_fast.somp), the ground truth of every fast path."""
+"""Invariants of the float64 reference SOMP (hp_fast.pursuit.reference), the ground truth of every fast path."""
 import pytest
 import torch
 
-from hp_fast.somp import somp_reference
+from hp_fast.pursuit.reference import somp_reference
 
 
 def _planted(B, n, d, v, ks, seed):
@@ -70,3 +70,28 @@ def test_one_step_one_sample_is_logit_lens():
     # with a positive top logit the pursuit's pick is the logit lens' top token
     h = D[7:8] * 3 + 0.1 * torch.randn(1, 16, generator=g, dtype=torch.float64)
     assert int(somp_reference(h, D, 1).support[0]) == int((D @ h[0]).argmax()) == 7
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "ormp"])
+@pytest.mark.parametrize("shape", [(2, 9, 16, 30, 4), (1, 1, 8, 12, 1), (3, 4, 20, 7, 3)])
+def test_float32_run_is_the_same_loop(criterion, shape):
+    """dtype=torch.float32 (the benchmarks' naive baseline) runs the same textbook loop: on planted
+    inputs (a unique greedy path) it picks the float64 supports, with EVRs within 1e-5 (fp32 sums of
+    squares are good to about 1e-6 relative) and coefficients within 1e-4 of the largest."""
+    B, n, d, v, ks = shape
+    H, D, _ = _planted(B, n, d, v, ks, 5)
+    k = ks
+    ref = somp_reference(H, D, k, criterion=criterion, return_coefficients=True)
+    got = somp_reference(H.float(), D.float(), k, criterion=criterion, return_coefficients=True,
+                         dtype=torch.float32)
+    assert got.evr.dtype == got.coefficients.dtype == torch.float32
+    assert torch.equal(ref.support, got.support)
+    assert float((got.evr.double() - ref.evr).abs().max()) < 1e-5
+    scale = float(ref.coefficients.abs().max())
+    assert float((got.coefficients.double() - ref.coefficients).abs().max()) < 1e-4 * scale
+
+
+def test_dtype_must_be_float32_or_float64():
+    H, D, _ = _planted(1, 3, 8, 5, 2, 3)
+    with pytest.raises(ValueError, match="dtype"):
+        somp_reference(H, D, 2, dtype=torch.float16)

@@ -1,6 +1,6 @@
-"""The Triton kernels (hp_fast.triton_somp) against the float64 reference, run by the Triton
+"""The Triton kernels (hp_fast.pursuit.triton_backend) against the float64 reference, run by the Triton
 interpreter on the CPU (TRITON_INTERPRET=1, set in conftest before triton is imported): tiny
-shapes only. Same unique-path inputs and tolerances as tests/test_fast_somp.py."""
+shapes only. Same unique-path inputs and tolerances as tests/helpers/planted.py."""
 import itertools
 
 import pytest
@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("triton")
 
 from hp_fast.pursuit import somp, somp_heads  # noqa: E402
-from hp_fast.somp import somp_reference  # noqa: E402
-from test_fast_somp import stable_seed, CASES, CRITERIA, check_same, planted, planted_heads  # noqa: E402
+from hp_fast.pursuit.reference import somp_reference  # noqa: E402
+from helpers.planted import CASES, CRITERIA, check_same, planted, planted_heads, stable_seed  # noqa: E402
 
 # every case under every criterion; (normalize, center) cycles so all four combos are covered
 FLAGS = list(itertools.product([True, False], [False, True]))
@@ -58,3 +58,31 @@ def test_triton_duplicate_atoms_in_one_tile_resolve_to_lowest_index(seed, criter
     ref = somp_reference(H, D, k, criterion=criterion)
     got = somp(H, D, k, criterion=criterion, backend="triton")
     assert torch.equal(ref.support, got.support)
+
+
+def test_launch_configs_list_every_configuration_the_launcher_picks(monkeypatch):
+    """Every (kernel, constexprs) the launcher uses, recorded over all rules, normalize on/off and
+    widths r = dh (L1) or min(n, dh) (l2/ormp) of 3, 16, 17 and 64, is in
+    triton_kernels.launch_configs() (what ahead-of-time compilation builds), and the listing
+    holds nothing else than those kinds of entries."""
+    import hp_fast.pursuit.triton_backend as tb
+    from hp_fast.pursuit.triton_kernels import launch_configs
+
+    used = []
+    for name in ("score_config", "update_config"):
+        orig = getattr(tb, name)
+
+        def record(*a, _orig=orig, _name=name):
+            cfg = _orig(*a)
+            used.append((_name.replace("_config", "_kernel"), cfg))
+            return cfg
+        monkeypatch.setattr(tb, name, record)
+    for crit, norm, (n, dh) in itertools.product(CRITERIA, (True, False),
+                                                 [(5, 3), (20, 16), (3, 17), (2, 64)]):
+        z, w_o, D = planted_heads(2, n, dh, 24, 33, 2, seed=dh)
+        somp_heads(z, w_o, D, 2, criterion=crit, normalize=norm, backend="triton")
+    listed = launch_configs(max_r=64)
+    assert {k for k, _ in listed} == {"score_kernel", "update_kernel"}
+    assert len({(k, tuple(sorted(c.items()))) for k, c in used}) >= 8
+    for entry in used:
+        assert entry in listed, entry

@@ -1,4 +1,4 @@
-"""Shared trunk (hp_fast.trunk): rows identical below the first edited layer run once there.
+"""Shared trunk (hp_fast.generation.trunk): rows identical below the first edited layer run once there.
 
 Reference twin: the same generate without ``shared_trunk``. The computation is the same on
 fewer rows, so fp32 scores agree to float summation order: BLAS blocks a 4-row and a 12-row
@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hp_fast.batched import generate_configs
+from hp_fast.generation.configs import generate_configs
 from hp_fast.edits import edit_heads, gains_tensor
-from hp_fast.trunk import first_edited_layer, shared_trunk
+from hp_fast.generation.trunk import first_edited_layer, shared_trunk
 
-from tiny_models import ARCHS, tiny_model, tiny_tokenizer
+from helpers.tiny_models import ARCHS, tiny_model, tiny_tokenizer
 
 PROMPTS = ["what is the capital of france", "name a color", "the sky is"]
 TOL = 1e-5
@@ -168,7 +168,7 @@ def test_cache_is_whole_again_after_the_block():
 def test_contiguous_unembedding_input_same_logits_and_removed():
     """The prompt pass's strided last-position view is copied before the unembedding: the
     logits are the same product (fp32, 1e-6: only the GEMM path may differ)."""
-    from hp_fast.generation import contiguous_unembedding_input
+    from hp_fast.generation.loop import contiguous_unembedding_input
     model, tok = tiny_model("llama", seed=5), tiny_tokenizer()
     enc = _enc(tok, PROMPTS)
     seen = []
@@ -191,7 +191,7 @@ def test_contiguous_unembedding_input_same_logits_and_removed():
 def test_output_cache_reads_either_name_without_the_deprecated_one():
     import types
     import warnings
-    from hp_fast.generation import output_cache
+    from hp_fast.generation.loop import output_cache
     model, tok = tiny_model("llama"), tiny_tokenizer()
     out = model(**_enc(tok, PROMPTS), use_cache=True)
     with warnings.catch_warnings():

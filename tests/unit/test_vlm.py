@@ -15,12 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-import tiny_vlms
-from hp_fast import ops, vlm
-from hp_fast.adapters import VLM_MODEL_TYPES, get_adapter, is_vlm
+from helpers import tiny_vlms
+from hp_fast import ops
+from hp_fast.models import vlm
+from hp_fast.models.adapters import VLM_MODEL_TYPES, get_adapter, is_vlm
 from hp_fast.capture import HeadActivations
+from hp_fast.capture_images import IMAGE_AGGREGATES, capture_images, capture_images_many
 from hp_fast.edits import edit_heads
-from hp_fast.images import DIGIT_WORDS, digits_dataset, load_image_folder
+from hp_fast.generation import generate_images
+from hp_fast.generation.images import POSITIONS
+from hp_fast.data.images import DIGIT_WORDS, digits_dataset, load_image_folder
 from hp_fast.ranking import rank_heads
 
 FAMILIES = list(tiny_vlms.FAMILIES)
@@ -97,7 +101,7 @@ def test_adapter_finds_language_backbone(family):
 
 
 def test_vlm_types_are_listed():
-    from hp_fast.adapters import supported_architectures
+    from hp_fast.models.adapters import supported_architectures
     assert set(VLM_MODEL_TYPES) <= set(supported_architectures())
 
 
@@ -134,8 +138,8 @@ def test_aggregates_equal_manual_computation(family):
     model, proc = _built(family)
     ad = get_adapter(model)
     images = _images()
-    got = vlm.capture_images_many(model, proc, images, PROMPTS, aggregates=vlm.AGGREGATES,
-                                  batch_size=2, progress=False)
+    got = capture_images_many(model, proc, images, PROMPTS, aggregates=IMAGE_AGGREGATES,
+                              batch_size=2, progress=False)
     pid = _proc_image_id(family, proc)
     L, H, dh = ad.num_layers, ad.num_heads, ad.head_dim
     for i, (ids, x) in enumerate(_full_inputs(model, proc, images, PROMPTS)):  # x (L, T, H*dh)
@@ -158,10 +162,10 @@ def test_aggregates_equal_manual_computation(family):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "idefics3"])
 def test_without_chat_template_and_batch_size_independent(family):
     model, proc = _built(family)
-    a = vlm.capture_images(model, proc, _images(), PROMPTS, chat_template=False, batch_size=1,
-                           progress=False)
-    b = vlm.capture_images(model, proc, _images(), PROMPTS, chat_template=False, batch_size=3,
-                           progress=False)
+    a = capture_images(model, proc, _images(), PROMPTS, chat_template=False, batch_size=1,
+                       progress=False)
+    b = capture_images(model, proc, _images(), PROMPTS, chat_template=False, batch_size=3,
+                       progress=False)
     assert a.meta["chat_template"] is False
     torch.testing.assert_close(a.z, b.z, atol=2e-5, rtol=1e-4)
     assert a.meta["num_image_tokens"] == b.meta["num_image_tokens"]
@@ -225,30 +229,49 @@ def test_head_gain_op_with_image_mask_keeps_other_rows():
 def test_generation_with_edits_runs(family):
     model, proc = _built(family)
     heads = {(0, 0): -1.0, (0, 1): 5.0, (1, 4): -1.0}
-    for positions in vlm.POSITIONS:
-        out = vlm.generate_images(model, proc, _images()[:2], "what is this", configs=[None, heads],
-                                  positions=positions, max_new_tokens=3, batch_size=4,
-                                  progress=False)
+    for positions in POSITIONS:
+        out = generate_images(model, proc, _images()[:2], "what is this", configs=[None, heads],
+                              positions=positions, max_new_tokens=3, batch_size=4,
+                              progress=False)
         assert len(out) == 2 and all(len(o) == 2 and all(isinstance(s, str) for s in o) for o in out)
     # the unedited rows of a mixed batch equal a run without any edit
-    plain = vlm.generate_images(model, proc, _images()[:2], "what is this", max_new_tokens=3,
-                                batch_size=1, progress=False)
+    plain = generate_images(model, proc, _images()[:2], "what is this", max_new_tokens=3,
+                            batch_size=1, progress=False)
     assert plain[0] == out[0]
+
+
+def test_image_capture_goes_through_the_text_core(monkeypatch):
+    """One capture loop: image capture calls hp_fast.capture's core and registers no hooks."""
+    import importlib
+    import inspect
+    core = importlib.import_module("hp_fast.capture")
+    images_mod = importlib.import_module("hp_fast.capture_images")
+    assert images_mod.capture_batches is core.capture_batches
+    calls = []
+    real = core.capture_batches
+    monkeypatch.setattr(images_mod, "capture_batches",
+                        lambda *a, **k: calls.append(k["what"]) or real(*a, **k))
+    model, proc = _built("llava")
+    capture_images(model, proc, _images()[:2], "what is this", progress=False)
+    assert calls == ["images"]
+    assert not any(p._forward_pre_hooks for p in get_adapter(model).out_projs)
+    for mod in (images_mod, vlm):
+        assert "register_forward_pre_hook" not in inspect.getsource(mod)
 
 
 def test_capture_errors_name_the_problem():
     model, proc = _built("llava")
     with pytest.raises(ValueError, match="2 images but 3 prompts"):
-        vlm.capture_images(model, proc, _images()[:2], PROMPTS, progress=False)
+        capture_images(model, proc, _images()[:2], PROMPTS, progress=False)
     with pytest.raises(ValueError, match="unknown"):
-        vlm.capture_images(model, proc, _images(), PROMPTS, aggregate="patches", progress=False)
+        capture_images(model, proc, _images(), PROMPTS, aggregate="patches", progress=False)
     with pytest.raises(ValueError, match="does not exist"):
-        vlm.capture_images(model, proc, ["/nonexistent/cat.png"], "what", progress=False)
+        capture_images(model, proc, ["/nonexistent/cat.png"], "what", progress=False)
     with pytest.raises(ValueError, match="list of PIL images"):
-        vlm.capture_images(model, proc, "cat.png", "what", progress=False)
-    from tiny_models import tiny_model
+        capture_images(model, proc, "cat.png", "what", progress=False)
+    from helpers.tiny_models import tiny_model
     with pytest.raises(ValueError, match="not a supported vision-language model"):
-        vlm.capture_images(tiny_model("llama"), proc, _images(), "what", progress=False)
+        capture_images(tiny_model("llama"), proc, _images(), "what", progress=False)
     with pytest.raises(ValueError, match="image_token_id"):
         vlm.image_token_id(tiny_model("llama"))
 
@@ -259,8 +282,8 @@ def test_vlm_activations_save_load_and_rank(tmp_path):
     for i, im in enumerate(_images()):  # images given as paths
         paths.append(tmp_path / f"im{i}.png")
         im.save(paths[-1])
-    acts = vlm.capture_images(model, proc, [str(p) for p in paths], "what color is this",
-                              progress=False)
+    acts = capture_images(model, proc, [str(p) for p in paths], "what color is this",
+                          progress=False)
     assert acts.meta["images"] == [str(p) for p in paths]
     loaded = HeadActivations.load(acts.save(tmp_path / "acts.safetensors"), model=model)
     assert torch.equal(loaded.z, acts.z) and loaded.meta == acts.meta
@@ -343,7 +366,7 @@ def test_digits_dataset():
 # ---- eval_vlm.py: every path end to end on a tiny random VLM (numbers are meaningless) ----
 
 def test_classify_end_to_end(tmp_path):
-    from hp_fast import eval_vlm
+    from hp_fast.evaluation import vlm as eval_vlm
     model, proc = _built("llava")
     ds = digits_dataset(2, size=32)
     logs = []
@@ -362,7 +385,7 @@ def test_classify_end_to_end(tmp_path):
 
 
 def test_classify_many_reports_jaccard():
-    from hp_fast import eval_vlm
+    from hp_fast.evaluation import vlm as eval_vlm
     model, proc = _built("qwen2_vl")
     a, b = digits_dataset(2, size=32, seed=0), digits_dataset(2, size=32, seed=1)
     rep = eval_vlm.classify_many(model, proc, {"a": (a, "digit"), "b": (b, "number")}, ks=(3,),
@@ -373,8 +396,8 @@ def test_classify_many_reports_jaccard():
 
 
 def test_caption_end_to_end(tmp_path):
-    from hp_fast import eval_vlm
-    from hp_fast.images import ImageDataset
+    from hp_fast.evaluation import vlm as eval_vlm
+    from hp_fast.data.images import ImageDataset
     model, proc = _built("gemma3")
     digits = digits_dataset(1, size=32)
     ds = ImageDataset(digits.images, captions=[[f"a white {w} on black", f"the number {w}"]
@@ -396,8 +419,8 @@ def test_load_vlm_from_folder(tmp_path, family):
     proc.save_pretrained(tmp_path)
     loaded, lproc = vlm.load_vlm(str(tmp_path))
     assert type(loaded) is type(model) and not loaded.training
-    a = vlm.capture_images(model, proc, _images()[:2], "what is this", progress=False)
-    b = vlm.capture_images(loaded, lproc, _images()[:2], "what is this", progress=False)
+    a = capture_images(model, proc, _images()[:2], "what is this", progress=False)
+    b = capture_images(loaded, lproc, _images()[:2], "what is this", progress=False)
     torch.testing.assert_close(a.z, b.z)
     with pytest.raises(ValueError, match="could not load VLM"):
         vlm.load_vlm(str(tmp_path / "nothing"))
