@@ -36,7 +36,14 @@ their barriers and a forward pass becomes many times slower and erratic; one thr
 stable numbers. ``--threads`` sets it; the CSV records threads and the load average.
 
 Rows are appended to benchmarks/results/bench_gains_cpu.csv (``--csv`` elsewhere,
-``--no-write`` not at all); this script writes nothing to RESULTS.md.
+``--no-write`` not at all); with ``--results-md`` a summary table goes to that file.
+
+GPU (``--device cuda``): ``--model random-1b`` is a random Llama of Llama-3.2-1B's shape (16
+layers, 32 heads of 64, d=2048, 8 KV heads, vocabulary 32000) built from a config, with a
+word-level tokenizer over the prompts' words padded to the vocabulary (no download); clocks
+synchronize the device; the op-cost microbenchmark (CPU tensors) and the ``controls`` set
+(SmolLM2's ranking) are skipped. ``--model random-tiny --device cpu`` is the dry run of
+scripts/gpu_check.sh.
 """
 from __future__ import annotations
 
@@ -51,7 +58,9 @@ import statistics
 import torch
 
 import hp_fast
-from common import HERE, RESULTS_DIR, append_csv, load_average, machine, median_us, timed
+import random_model
+from common import (HERE, RESULTS_DIR, add_table_rows, append_csv, load_average, machine,
+                    median_us, timed)
 from hp_fast.edits import edit_heads, edit_path, fold_head_gains, gains_tensor
 from hp_fast.generation import generate_configs, generate_configs_shared_prefix
 from hp_fast.generation.trunk import first_edited_layer
@@ -62,7 +71,8 @@ PROMPTS = ["What is the capital of France?", "Name a color of the sky at sunset.
            "Which country has the largest population?", "Describe a cat in one sentence.",
            "How many legs does a spider have?", "What is the tallest mountain in Europe?",
            "Give me a synonym of happy.", "Which planet is known as the red planet?"]
-FIELDS = ["date", "machine", "threads", "torch", "load_avg", "bench", "path", "batch",
+FIELDS = ["date", "machine", "model", "dtype", "threads", "torch", "load_avg", "bench", "path",
+          "batch",
           "prompt_tokens", "new_tokens", "edited_heads", "prefill_ms", "prefill_ratio",
           "prefill_cpu_ratio", "decode_ms_per_token", "decode_ratio", "decode_ms_min",
           "decode_cpu_ms", "decode_cpu_ratio", "same_tokens_as_op", "seconds", "speedup",
@@ -80,12 +90,12 @@ def rotated(items, r):
     return items[r:] + items[:r]
 
 
-def encode_prompts(tok):
-    """The 8 chat prompts, left padded: {"input_ids", "attention_mask"} (8, T)."""
+def encode_prompts(tok, device="cpu"):
+    """The 8 chat prompts, left padded: {"input_ids", "attention_mask"} (8, T) on ``device``."""
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                      add_generation_prompt=True) for p in PROMPTS]
     tok.padding_side = "left"
-    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
 
 def model_states(model, gains):
@@ -119,20 +129,21 @@ def summary(times, clock):
 
 
 def bench_latency(model, tok, heads, args):
-    enc = encode_prompts(tok)
+    enc = encode_prompts(tok, args.device)
     B, T = enc["input_ids"].shape
     states = model_states(model, {h: -1.0 for h in heads})
 
     def prefill():
-        return timed(lambda: model(**enc, use_cache=True, logits_to_keep=1))
+        return timed(lambda: model(**enc, use_cache=True, logits_to_keep=1), cuda=args.cuda)
 
     cache = model(**enc, use_cache=True, logits_to_keep=1).cache   # (filled unedited: timing only)
     step_ids = enc["input_ids"][:, -1:]                               # (B, 1)
-    step_mask = torch.cat([enc["attention_mask"], torch.ones(B, 1, dtype=torch.long)], 1)
+    step_mask = torch.cat([enc["attention_mask"],
+                           torch.ones(B, 1, dtype=torch.long, device=args.device)], 1)
 
     def decode_step():
         t = timed(lambda: model(input_ids=step_ids, attention_mask=step_mask, cache=cache,
-                                logits_to_keep=1))
+                                logits_to_keep=1), cuda=args.cuda)
         cache.crop(-1)                                                # back to the prompt
         return t
 
@@ -147,7 +158,7 @@ def bench_latency(model, tok, heads, args):
         with ctx():
             gen[n] = timed(lambda: model.generate(
                 **enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                do_sample=False, pad_token_id=tok.pad_token_id))
+                do_sample=False, pad_token_id=tok.pad_token_id), cuda=args.cuda)
     print(f"\nlatency: batch {B}, prompt {T} tokens (left padded), {len(heads)} heads at gain -1; "
           f"{args.prefill_samples} prefill and {args.decode_samples} decode-step samples per path, "
           "interleaved; medians; ratio = median over rounds of path/unedited; wall clock and "
@@ -214,7 +225,7 @@ def bench_op_cost(model, heads, decode_ms):
 def bench_decode_batching(model, tok, args):
     """One decode step of 11 configs x 8 rows (per-row gains) vs 11 steps of 8 rows."""
     ad = hp_fast.get_adapter(model)
-    enc = encode_prompts(tok)
+    enc = encode_prompts(tok, args.device)
     C = 11
     g = torch.stack([gains_tensor({h: -1.0 for h in random_heads(
         ad.num_layers, ad.num_heads, 16, s)} if s else {}, ad.num_layers, ad.num_heads)
@@ -229,10 +240,11 @@ def bench_decode_batching(model, tok, args):
 
     def step(name):
         e, gains, cache = runs[name]
-        mask = torch.cat([e["attention_mask"], torch.ones(len(gains), 1, dtype=torch.long)], 1)
+        mask = torch.cat([e["attention_mask"],
+                          torch.ones(len(gains), 1, dtype=torch.long, device=args.device)], 1)
         with edit_heads(model, gains):
             t = timed(lambda: model(input_ids=e["input_ids"][:, -1:], attention_mask=mask,
-                                    cache=cache, logits_to_keep=1))
+                                    cache=cache, logits_to_keep=1), cuda=args.cuda)
         cache.crop(-1)
         return t.best
 
@@ -249,11 +261,14 @@ def bench_decode_batching(model, tok, args):
                  decode_ms_per_token=round(m88 * 1e3, 2), speedup=round(C * m8 / m88, 3))]
 
 
-def config_sets(ad):
-    """The two sets of 11 configurations: name -> (description, configs)."""
+def config_sets(ad, smollm2=True):
+    """The two sets of 11 configurations: name -> (description, configs); ``controls`` only
+    for SmolLM2 (its country ranking)."""
     sets = {"random16": ("unedited + 10 random 16-head sets anywhere in the model (gain -1)",
                          [None] + [{h: -1.0 for h in random_heads(ad.num_layers, ad.num_heads, 16, s)}
                                    for s in range(1, 11)])}
+    if not smollm2:
+        return sets
     with open(RANKING) as f:  # the demo's country ranking of SmolLM2 (committed)
         top = [tuple(h) for h in json.load(f)["top"][:8]]
     controls = hp_fast.random_control(top, ad.num_layers, ad.num_heads, n_sets=10, seed=0)
@@ -293,7 +308,7 @@ def bench_configs(model, tok, args, name, desc, configs):
     answers = {}
     for r in range(args.config_rounds):
         for key, fn in rotated(runs, r):
-            t = timed(fn)
+            t = timed(fn, cuda=args.cuda)
             answers[key] = t.result
             times[key].append(t.best)
     best_seq = [min(times[k][r] for k in seq_keys) for r in range(args.config_rounds)]
@@ -331,40 +346,71 @@ def parse_args():
     ap.add_argument("--config-sets", nargs="+", default=["controls", "random16"],
                     choices=["controls", "random16"], help="which 11-configuration sets to run")
     ap.add_argument("--skip-latency", action="store_true", help="only the configuration benchmarks")
+    ap.add_argument("--skip-op-cost", action="store_true", help="no attention-call microbenchmark")
     ap.add_argument("--csv", default=OUT_CSV)
+    ap.add_argument("--results-md", default=None,
+                    help="also add a summary table to this markdown file (e.g. RESULTS.md)")
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", *random_model.SHAPES],
+                    help="the embedded SmolLM2-135M, or a random Llama built from a config")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--no-write", action="store_true", help="print only: do not write the CSV")
-    return ap.parse_args()
+    args = ap.parse_args()
+    args.cuda = args.device.startswith("cuda")
+    return args
+
+
+def load(args):
+    """(model, tokenizer) of ``--model`` on ``--device`` in ``--dtype``."""
+    dtype = getattr(torch, args.dtype)
+    if args.model == "smollm2":
+        model, tok = hp_fast.load_model()
+        return model.to(args.device, dtype), tok
+    return random_model.build(args.model, PROMPTS, args.device, dtype)
 
 
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = hp_fast.load_model()
+    model, tok = load(args)
     ad = hp_fast.get_adapter(model)
-    heads = random_heads(ad.num_layers, ad.num_heads, 16, 0)
-    m = machine()
-    print(f"{m.summary()}, attn {model.config._attn_implementation}, edit path "
-          f"{edit_path(model)}, op backend {hp_fast.ops.op_backend('cpu')}")
+    heads = random_heads(ad.num_layers, ad.num_heads, min(16, ad.num_layers * ad.num_heads), 0)
+    m = machine(args.device)
+    print(f"{m.summary()}, model {args.model} {args.dtype}, attn "
+          f"{model.config._attn_implementation}, edit path {edit_path(model)}, op backend "
+          f"{hp_fast.ops.op_backend(args.device)}")
     print(f"edited heads (layer, head): {sorted(heads)} "
           f"-> {len({l for l, _ in heads})} of {ad.num_layers} layers")
     with torch.inference_mode():
         rows = []
         if not args.skip_latency:
             rows += bench_latency(model, tok, heads, args)
-            rows += bench_op_cost(model, heads, rows[0]["decode_ms_per_token"])
+            if args.device == "cpu" and not args.skip_op_cost:  # it times CPU tensors
+                rows += bench_op_cost(model, heads, rows[0]["decode_ms_per_token"])
         rows += bench_decode_batching(model, tok, args)
         if not args.skip_configs:
-            for name, (desc, configs) in config_sets(ad).items():
+            for name, (desc, configs) in config_sets(ad, args.model == "smollm2").items():
                 if name in args.config_sets:
                     rows += bench_configs(model, tok, args, name, desc, configs)
     load1 = load_average()
     print(f"load avg start {m.load_avg:.2f}, end {load1:.2f} ({m.cores} cores)")
     if args.no_write:
         return
-    run = dict(date=datetime.date.today().isoformat(), machine=f"{m.cpu} x{m.cores}",
-               threads=m.threads, torch=m.torch, load_avg=f"{m.load_avg:.1f}-{load1:.1f}")
+    where = m.device_name if args.cuda else f"{m.cpu} x{m.cores}"
+    run = dict(date=datetime.date.today().isoformat(), machine=where, threads=m.threads,
+               torch=m.torch, load_avg=f"{m.load_avg:.1f}-{load1:.1f}", model=args.model,
+               dtype=args.dtype)
     append_csv(args.csv, [{**run, **row} for row in rows], FIELDS)
     print(f"appended {len(rows)} rows to {args.csv}")
+    if args.results_md:
+        cols = ["date", "machine", "model", "bench", "path", "batch", "prefill ms",
+                "decode ms/token", "ratio", "s", "speed-up", "answers equal"]
+        keys = ["prefill_ms", "decode_ms_per_token", "decode_ratio", "seconds", "speedup",
+                "answers_equal"]
+        add_table_rows(args.results_md, cols, [
+            [run["date"], where, f"{args.model} {args.dtype}", r["bench"], r["path"],
+             r.get("batch", ""), *[r.get(k, "") for k in keys]] for r in rows])
+        print(f"added {len(rows)} rows to {args.results_md}")
 
 
 if __name__ == "__main__":

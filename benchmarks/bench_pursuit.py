@@ -13,9 +13,14 @@ CPU: SmolLM2-135M shapes (270 heads, d=576, dh=64, v=49152, k=50), real lm_head 
 weights of the embedded model (``hp_fast.load_model()``) when they load (else random, said in
 the output); z is random normal (n, 64) per head. The naive loop is timed on --naive-heads
 heads and scaled to all heads (the fastest head times the head count).
-GPU (CUDA only): Mistral-7B and Llama-3-70B-like shapes, random weights; the naive loop is
-timed on one head and scaled. ``somp_reference`` runs on the CPU, so on a GPU machine the
-ratio is against the textbook loop on that machine's CPU.
+GPU (CUDA; ``--device``): Mistral-7B (all 1024 heads) and Llama-3-70B (a 256-head slice of
+5120, label says so, the all-heads time printed scaled) shapes, random weights (``GPU_SHAPES``);
+the naive loop is timed on one head for ``--naive-steps`` steps and scaled to all heads and k
+steps; its support must equal the first steps of head 0's. ``somp_reference`` runs on the CPU,
+so on a GPU machine the ratio is against the textbook loop on that machine's CPU. The rows of
+each (shape, criterion) are written as soon as they are measured (``--out`` folder of the CSV,
+``--results-md`` file).
+scripts/gpu_check.sh runs ``--gpu-only``; its dry run ``--device cpu --gpu-shapes tiny``.
 
     python benchmarks/bench_pursuit.py                       # CPU, l1 l2 ormp, n=200 and 2000
     python benchmarks/bench_pursuit.py --criteria l2 --heads 64 --naive-heads 1
@@ -197,50 +202,77 @@ def run_spams(z, w_o, D, k, rate, machine_label):
                        gemm_gflops=round(rate / 1e9))]
 
 
-def run_gpu(args):
+# name: (heads in the model, heads run by default, d, dh, v, n); the rest of the heads are
+# scaled (every head costs the same): Llama-3-70B runs a slice, said in its shape label
+GPU_SHAPES = {"Mistral-7B": (1024, 1024, 4096, 128, 32000, 1000),
+              "Llama-3-70B": (5120, 256, 8192, 128, 128256, 1000),
+              "tiny": (2, 2, 24, 16, 40, 5)}  # the dry run (scripts/gpu_check.sh --dry-run)
+
+
+def gpu_inputs(heads, d, dh, v, n, device):
+    """D (v, d) bf16, w_o (heads, dh, d), z (heads, n, dh): random, on ``device``."""
+    g = torch.Generator(device=device).manual_seed(0)
+    D = torch.randn(v, d, device=device, generator=g, dtype=torch.bfloat16)
+    w_o = torch.randn(heads, dh, d, device=device, generator=g) / d ** 0.5
+    z = torch.randn(heads, n, dh, device=device, generator=g)
+    return z, w_o, D
+
+
+def run_gpu(args, on_rows=None):
+    """Triton and torch backends at the GPU_SHAPES of ``args.gpu_shapes`` on ``args.device``;
+    the textbook loop runs on the CPU for one head and ``args.naive_steps`` steps, scaled to all
+    heads and k steps, and its support is compared with the first steps of head 0's.
+    ``on_rows(rows)`` gets each (shape, criterion)'s rows as soon as they are measured."""
     from hp_fast.pursuit.triton_backend import somp_heads_triton
-    m = machine("cuda", gemm=True)
+    dev = args.device
+    cuda = dev.startswith("cuda")
+    m = machine(dev, gemm=True)
     rate = m.gemm_flops
     print(f"[bench] machine: {m.summary()}")
-    shapes = {"Mistral-7B": (1024, 4096, 128, 32000, 1000),  # heads, d, dh, v, n
-              "Llama-3-70B": (5120, 8192, 128, 128256, 1000)}
     rows = []
-    for name, (heads, d, dh, v, n) in shapes.items():
+    for name in args.gpu_shapes:
+        total, heads, d, dh, v, n = GPU_SHAPES[name]
         heads = min(heads, args.gpu_heads)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        D = torch.randn(v, d, device="cuda", generator=g, dtype=torch.bfloat16)
-        w_o = torch.randn(heads, dh, d, device="cuda", generator=g) / d ** 0.5
-        z = torch.randn(heads, n, dh, device="cuda", generator=g)
+        label = name if heads == total else f"{name} ({heads} of {total} heads)"
+        z, w_o, D = gpu_inputs(heads, d, dh, v, n, dev)
+        steps = min(args.naive_steps or args.k, args.k)
+        shape_rows = []
         for criterion in args.criteria:
             H = (z[0].float() @ w_o[0]).cpu()  # (n, d)
             D32 = D.float().cpu()               # the reference runs on the CPU
-            naive = timed(lambda: naive_support(H, D32, args.k, criterion))
-            t_naive = naive.best * heads
+            naive = timed(lambda: naive_support(H, D32, steps, criterion))
+            t_naive = naive.best * heads * args.k / steps
             for backend, fn in (("triton", somp_heads_triton), ("torch", somp_heads_torch)):
-                with PeakMemory(cuda=True) as mem:
-                    fast = timed(lambda: fn(z, w_o, D, args.k, criterion=criterion), cuda=True)
-                same = int(torch.equal(naive.result.cpu(), fast.result.support[0].cpu()))
-                rows.append(result_row(
-                    machine=m.device_name, device="cuda", shape=name, weights="random",
+                with PeakMemory(cuda=cuda) as mem:
+                    fast = timed(lambda: fn(z, w_o, D, args.k, criterion=criterion), cuda=cuda)
+                same = int(torch.equal(naive.result.cpu(), fast.result.support[0, :steps].cpu()))
+                shape_rows.append(result_row(
+                    machine=m.device_name, device=dev, shape=label, weights="random",
                     criterion=criterion, heads=heads, n=n, k=args.k, v=v, d=d, dh=dh,
-                    backend=backend, naive_heads_timed=1, naive_same_support=f"{same}/1",
-                    peak_mem_mib=mem.mib,
+                    backend=backend, peak_mem_mib=mem.mib,
+                    naive_heads_timed=f"1 head, {steps} of {args.k} steps",
+                    naive_same_support=f"{same}/1",
                     final_evr_mean=round(float(fast.result.evr[:, -1].mean()), 4),
                     **speed_fields(fast.best, t_naive,
                                    floor_flops(criterion, heads, v, d, dh, n, args.k), rate)))
-                print(f"[bench] {name} {criterion} {backend}: {fast.best:.2f} s, naive "
-                      f"{t_naive:.1f} s (1 head on the CPU, scaled), ratio "
-                      f"{t_naive / fast.best:.1f}x", flush=True)
+                print(f"[bench] {label} {criterion} {backend}: {fast.best:.2f} s "
+                      f"(all {total} heads: {fast.best * total / heads:.1f} s), naive "
+                      f"{t_naive:.1f} s (1 head on the CPU, {steps} steps, scaled), ratio "
+                      f"{t_naive / fast.best:.1f}x, same first {steps} atoms {same}/1", flush=True)
+            if on_rows is not None:
+                on_rows(shape_rows[-2:])
+        rows += shape_rows
+        del z, w_o, D
     return rows
 
 
-def write(rows, device):
+def write(rows, device, out_dir=RESULTS_DIR, results_md=RESULTS_MD):
     if not rows:
         return
-    path = os.path.join(RESULTS_DIR, f"bench_pursuit_{device}.csv")
+    path = os.path.join(out_dir, f"bench_pursuit_{device}.csv")
     append_csv(path, rows, FIELDS)
-    add_table_rows(RESULTS_MD, [c for c, _ in TABLE], [[r[f] for _, f in TABLE] for r in rows])
-    print(f"[bench] wrote {path} and added {len(rows)} rows to the pursuit table of {RESULTS_MD}")
+    add_table_rows(results_md, [c for c, _ in TABLE], [[r[f] for _, f in TABLE] for r in rows])
+    print(f"[bench] wrote {path} and added {len(rows)} rows to the pursuit table of {results_md}")
 
 
 def main():
@@ -252,17 +284,26 @@ def main():
     ap.add_argument("--naive-heads", type=int, default=2)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--spams", action="store_true", help="add the SPAMS somp (ormp) comparison")
-    ap.add_argument("--gpu-heads", type=int, default=1024)
+    ap.add_argument("--gpu-heads", type=int, default=1024, help="cap on heads per GPU shape")
+    ap.add_argument("--gpu-only", action="store_true", help="skip the CPU (SmolLM2) run")
+    ap.add_argument("--gpu-shapes", nargs="+", default=["Mistral-7B", "Llama-3-70B"],
+                    choices=list(GPU_SHAPES))
+    ap.add_argument("--device", default="cuda",
+                    help="device of the GPU branch (cpu with --gpu-shapes tiny: the dry run)")
+    ap.add_argument("--naive-steps", type=int, default=0,
+                    help="GPU branch: steps of the textbook loop timed (scaled to k; 0 = k)")
+    ap.add_argument("--out", default=RESULTS_DIR, help="folder of the CSVs")
+    ap.add_argument("--results-md", default=RESULTS_MD)
     ap.add_argument("--no-write", action="store_true",
                     help="print only: write neither the CSV nor RESULTS.md")
     args = ap.parse_args()
-    rows = run_cpu(args)
-    if not args.no_write:
-        write(rows, "cpu")
-    if torch.cuda.is_available():
-        rows = run_gpu(args)
+    if not args.gpu_only:
+        rows = run_cpu(args)
         if not args.no_write:
-            write(rows, "cuda")
+            write(rows, "cpu", args.out, args.results_md)
+    if args.device != "cuda" or torch.cuda.is_available():
+        run_gpu(args, None if args.no_write else
+                lambda rows: write(rows, args.device.split(":")[0], args.out, args.results_md))
     else:
         print("[bench] no CUDA device: Triton path and GPU shapes skipped")
 

@@ -22,6 +22,7 @@ Helpers here: ``active``, ``rank``, ``world_size``, ``is_main``, ``barrier``, ``
 ``no_split``, ``all_gather_objects``, ``gather_to_main``, ``all_gather_rows``, ``agree``,
 ``raise_if_any_failed``, ``main_print`` and ``GlobalProgress`` (rank 0's bar over the whole
 job's work). Outside a process group they all act as for one process (rank 0 of 1).
+Usage, guarantees and limits: docs/distributed.md.
 """
 from __future__ import annotations
 
@@ -110,6 +111,8 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     every = [torch.zeros_like(sizes) for _ in range(world_size())]
     dist.all_gather(every, sizes)
     counts = [int(c) for c in every]
+    if max(counts) == 0:
+        return t
     pad = torch.zeros(max(counts), *t.shape[1:], dtype=t.dtype, device=dev)  # (max b, ...)
     pad[:t.shape[0]] = t.to(dev)
     parts = [torch.empty_like(pad) for _ in counts]
@@ -139,13 +142,15 @@ def agree(what: str, facts: dict, *, rtol: float = 1e-5, hint: str = "") -> None
         return
     every = all_gather_objects(facts)
     for r, other in enumerate(every[1:], start=1):
-        for key in sorted(set(facts) | set(other), key=str):
-            a, b = every[0].get(key), other.get(key)
-            if not _same(a, b, rtol):
-                raise ValueError(f"{what}: rank {r} has {key}={b!r} but rank 0 has {a!r}; every "
-                                 "rank must make this call with the same inputs"
-                                 + (f" ({hint})" if hint else "") +
-                                 "; use hp_fast.distributed.no_split() for per-rank work")
+        keys = sorted(set(every[0]) | set(other), key=str)
+        diff = [(k, every[0].get(k), other.get(k)) for k in keys
+                if not _same(every[0].get(k), other.get(k), rtol)]
+        if diff:
+            shown = "; ".join(f"{k}: {b!r} there, {a!r} on rank 0" for k, a, b in diff[:4])
+            raise ValueError(f"{what}: rank {r} was given other inputs than rank 0 ({shown}"
+                             f"{'; ...' if len(diff) > 4 else ''}); every rank must make this "
+                             "call with the same inputs" + (f" ({hint})" if hint else "") +
+                             "; use hp_fast.distributed.no_split() for per-rank work")
 
 
 def raise_if_any_failed(error: BaseException | None, what: str) -> None:

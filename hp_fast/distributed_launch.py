@@ -139,10 +139,13 @@ def cli_launch(args, load_kw: dict) -> tuple[dict, bool]:
         init_process_group(load_kw)
         started = True
     if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
-        for name in ("json", "plot"):  # and writes the result files
+        for name in ("json", "plot"):  # rank 0 alone writes the result files
             if getattr(args, name, None):
                 setattr(args, name, None)
+        if started:  # and prints (in a caller's own group its output is left alone)
+            sys.stdout = open(os.devnull, "w")
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()  # one "Loading weights" bar, not one per rank
     return load_kw, started
 
 

@@ -147,7 +147,10 @@ def capture_to_store_ranks(model, n: int, make_batch, aggregates, header: dict, 
                "and the model are the same on every node")
     store, todo = _open_on_every_rank(out, header, overwrite, prompts)
     mine = todo[rank()::world_size()]
-    rows = lambda ids: sum(b - a for a, b in (store.shard_range(i) for i in ids))  # noqa: E731
+
+    def rows(ids) -> int:
+        return sum(b - a for a, b in (store.shard_range(i) for i in ids))
+
     bar = GlobalProgress(n, n - rows(todo), rows(todo), rows(mine), desc=f"capture {what}",
                          unit=what.rstrip("s"), enabled=progress)
     error = None

@@ -3,18 +3,21 @@
 ``run_qa`` (country questions, SQuAD F1/EM), ``run_keywords`` (colors / sentiments / numbers
 in free generation, inhibition and enhancement), ``run_toxicity`` (heads from an incomplete
 toxic word list); each writes results.json, PNG plots and report.md. ``run_eval`` is the
-``hp-fast eval`` entry point.
+``hp-fast eval`` entry point. ``run_specificity`` (``hp-fast eval specificity``) compares the
+selection rules on six concepts with a held-out protocol, bootstrap intervals and p-values
+among random controls (``specificity.py``, ``stats.py``).
 """
 from __future__ import annotations
 
 from .keywords import run_keywords
 from .protocol import Setting, set_threads
 from .qa import run_qa
+from .specificity import run_specificity
 from .toxicity import run_toxicity
 
 TASKS = ("qa", "keywords", "toxicity")
 
-__all__ = ["run_qa", "run_keywords", "run_toxicity", "run_eval", "Setting", "TASKS"]
+__all__ = ["run_qa", "run_keywords", "run_toxicity", "run_specificity", "run_eval", "Setting", "TASKS"]
 
 
 def run_eval(task: str, model, tok, out, *, ks=None, n_random: int = 10, quick: bool = False,

@@ -71,6 +71,8 @@ def edit_curves(ks: Sequence[int], series: dict[str, Sequence[float]], path, *,
             lo, hi = bands[name]
             ax.fill_between(list(ks), list(lo), list(hi), color=line.get_color(), alpha=0.2)
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+    if len(ks) <= 12:
+        ax.set_xticks(list(ks))  # the ks that were run, not fractional ticks between them
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

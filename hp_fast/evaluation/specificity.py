@@ -13,8 +13,9 @@ Protocol (docs/method.md §6 made testable):
    aggregate mean / last; contrastive contrasts the concept's selection prompts with the other
    concepts' selection prompts).
 3. Tuning: on the ``tuning`` concepts only, each rule's top k (every k) is inverted on the
-   validation items; the chosen rule has the largest mean specificity index there
-   (``choose_rule``: a function of the tuning concepts' evidence alone).
+   validation items; ``choose_rule`` (a function of the tuning concepts' evidence alone) picks
+   the rule that meets the accuracy part of the bar most often there (criterion "bar"), or
+   the one with the largest mean specificity index (criterion "index").
 4. Report, everything frozen: on every concept's test items, each rule's top k, the chosen
    rule's ``n_controls`` layer-matched random sets (same per-layer counts, disjoint: the paper's
    control), ``n_rule_controls`` layer-matched sets for the other rules, and ``n_uniform``
@@ -69,7 +70,7 @@ class Sizes:
 
 
 # FULL fits about 40 minutes on a shared 2-core CPU (load ~6, one torch thread)
-FULL = Sizes(ks=(2, 4), n_train=24, n_val=15, n_test=50, pool_max=320, n_controls=20,
+FULL = Sizes(ks=(2, 4), n_train=24, n_val=15, n_test=40, pool_max=256, n_controls=20,
              n_rule_controls=0, n_uniform=4)
 QUICK = Sizes(ks=(2,), n_train=12, n_val=8, n_test=16, pool_max=96, n_controls=6, n_uniform=3,
               n_resamples=500)
@@ -153,10 +154,20 @@ def uniform_sets(k: int, num_layers: int, num_heads: int, n: int, seed: int) -> 
     return [sorted(rng.sample(heads, k)) for _ in range(n)]
 
 
-def choose_rule(evidence: dict, tuning: Sequence[str]) -> str:
-    """The rule with the largest mean specificity index over the ``tuning`` concepts and ks
-    (ties: the larger mean other-item score). evidence[concept][rule][k] = {"index", "other"};
-    concepts outside ``tuning`` are ignored."""
+CRITERIA = ("bar", "index")
+
+
+def choose_rule(evidence: dict, tuning: Sequence[str], criterion: str = "bar") -> str:
+    """The rule the tuning concepts' validation evidence favours; concepts outside ``tuning``
+    are ignored. evidence[concept][rule][k] = {"target", "other", "index"} (accuracy / unedited).
+
+    criterion "bar" (default): most (concept, k) cells with target <= 0.5 and other >= 0.8 (the
+    accuracy part of the bar), then the largest mean index over the cells that keep other >= 0.8,
+    then the largest mean other. "index": the largest mean specificity index over all cells
+    (ties: mean other); it rewards an edit that breaks everything as long as the target falls a
+    little more (on SmolLM2 the layer-0 heads of raw EVR, benchmarks/eval/README.md)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}: use one of {CRITERIA}")
     rules = None
     for c in tuning:
         if c not in evidence:
@@ -166,11 +177,20 @@ def choose_rule(evidence: dict, tuning: Sequence[str]) -> str:
     if not rules:
         raise ValueError("the tuning concepts share no rule to choose from")
 
-    def mean(rule, key):
-        vals = [cell[key] for c in tuning for cell in evidence[c][rule].values()]
-        vals = [v for v in vals if v == v]
+    def cells(rule):
+        return [cell for c in tuning for cell in evidence[c][rule].values()]
+
+    def mean(rule, key, keep=lambda cell: True):
+        vals = [cell[key] for cell in cells(rule) if keep(cell) and cell[key] == cell[key]]
         return sum(vals) / len(vals) if vals else float("-inf")
-    return max(sorted(rules), key=lambda r: (round(mean(r, "index"), 9), mean(r, "other")))
+
+    def key(rule):
+        if criterion == "index":
+            return (round(mean(rule, "index"), 9), mean(rule, "other"))
+        hits = sum(cell["target"] <= 0.5 and cell["other"] >= 0.8 for cell in cells(rule))
+        return (hits, round(mean(rule, "index", lambda cell: cell["other"] >= 0.8), 9),
+                mean(rule, "other"))
+    return max(sorted(rules), key=key)
 
 
 class Plan:
@@ -308,7 +328,7 @@ def _report_concept(model, tok, c, rankings, splits, chosen, sz: Sizes, L: int, 
 def run_specificity(model, tok, out, *, concepts: Sequence[str] = CONCEPTS,
                     tuning: Sequence[str] = TUNING, item_sets: dict | None = None,
                     sizes: Sizes | None = None, quick: bool = False, rules: dict | None = None,
-                    seed: int = 0, log=print) -> dict:
+                    criterion: str = "bar", seed: int = 0, log=print) -> dict:
     """The whole protocol (module docstring); returns the results (files written to ``out``).
 
     item_sets: {concept: (items, word list)} instead of the built-in sets (``concept_items`` and
@@ -320,6 +340,8 @@ def run_specificity(model, tok, out, *, concepts: Sequence[str] = CONCEPTS,
     bad = [c for c in tuning if c not in concepts]
     if bad or len(tuning) >= len(concepts) or not tuning:
         raise ValueError(f"tuning concepts {tuning} must be a non-empty proper subset of {concepts}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}: use one of {CRITERIA}")
     unknown = [r for r in rules.values() if r[0] not in ("mean", "last")]
     if unknown:
         raise ValueError(f"rules {unknown}: aggregate must be mean or last")
@@ -346,7 +368,7 @@ def run_specificity(model, tok, out, *, concepts: Sequence[str] = CONCEPTS,
         rankings[c] = rank_rules(model, tok, acts, own, rest, item_sets[c][1], rules)
     log(f"[specificity 3/4] tuning on {tuning} (validation items, ks {list(sz.ks)})")
     evidence = _tune(model, tok, rankings, splits, tuning, sz, log)
-    chosen = choose_rule(evidence, tuning)
+    chosen = choose_rule(evidence, tuning, criterion)
     log(f"        chosen on the tuning concepts: {chosen}")
     log(f"[specificity 4/4] report on test items, everything frozen")
     report = {}
@@ -357,7 +379,7 @@ def run_specificity(model, tok, out, *, concepts: Sequence[str] = CONCEPTS,
     results = {"task": "specificity", "model": acts["mean" if "mean" in acts else next(iter(acts))].meta["model"],
                "concepts": concepts, "tuning": tuning,
                "held_out": [c for c in concepts if c not in tuning], "rules": {r: list(v) for r, v in rules.items()},
-               "chosen": chosen, "tuning_evidence": evidence, "report": report,
+               "chosen": chosen, "criterion": criterion, "tuning_evidence": evidence, "report": report,
                "sizes": asdict(sz), "quick": quick, "num_layers": L, "num_heads": H,
                "counts": {c: {p: len(splits[c][p]) for p in ("train", "val", "test", "spare")}
                           | {"scored": splits[c]["scored"], "items": len(item_sets[c][0])}
@@ -381,16 +403,31 @@ def _timed(log, t0: float):
 
 
 def summarize(results: dict) -> dict:
-    """Per rule: concepts passing the bar (any k <= 3 %), mean held-out index at each k."""
+    """Per rule on the held-out concepts: concepts passing the bar (any k <= 3 %), cells meeting
+    its accuracy part (target <= 0.5, other >= 0.8), mean index over the cells that keep other
+    >= 0.8, mean index at each k. The best rule is ranked like ``choose_rule``'s "bar" criterion
+    (concepts passing first)."""
     rep, held = results["report"], results["held_out"]
     out = {}
     for r in results["rules"]:
         passing = [c for c in rep if any(cell["passes"] for cell in rep[c]["cells"][r].values())]
+        cells = [cell for c in held for cell in rep[c]["cells"][r].values()]
         ks = sorted({k for c in rep for k in rep[c]["cells"][r]})
         mean_idx = {k: sum(rep[c]["cells"][r][k]["acc"]["index"] for c in held) / max(1, len(held))
                     for k in ks}
-        out[r] = {"passing": passing, "held_out_mean_index": mean_idx}
-    best = max(out, key=lambda r: (len(out[r]["passing"]), max(out[r]["held_out_mean_index"].values())))
+        kept = [cell["acc"]["index"] for cell in cells if cell["acc"]["other"] >= 0.8]
+        out[r] = {"passing": passing, "held_out_mean_index": mean_idx,
+                  "held_out_accuracy_bar_cells": sum(cell["acc"]["target"] <= 0.5 and
+                                                     cell["acc"]["other"] >= 0.8 for cell in cells),
+                  "held_out_index_other_kept": sum(kept) / len(kept) if kept else float("nan"),
+                  "held_out_cells_other_kept": len(kept)}
+
+    def rank(r):
+        o = out[r]
+        kept = o["held_out_index_other_kept"]
+        return (len([c for c in o["passing"] if c in held]), o["held_out_accuracy_bar_cells"],
+                kept if kept == kept else float("-inf"))
+    best = max(out, key=rank)
     chosen = results["chosen"]
     line = (f"chosen rule {chosen}: bar met on {len(out[chosen]['passing'])} of {len(rep)} concepts "
             f"({', '.join(out[chosen]['passing']) or 'none'}); best on held-out concepts: {best}")

@@ -80,12 +80,26 @@ def _index_plot(out: Path, results: dict, k: int) -> str:
     return name
 
 
-def write_report(out, results: dict, rankings: dict) -> Path:
-    """Write results.json, the PNGs and report.md into ``out``."""
+def load_results(path) -> dict:
+    """A results.json of ``hp-fast eval specificity`` with its integer k keys restored."""
+    import json
+    res = json.loads(Path(path).read_text())
+    for rep in res["report"].values():
+        rep["cells"] = {r: {int(k): v for k, v in by_k.items()} for r, by_k in rep["cells"].items()}
+    for by_rule in res["tuning_evidence"].values():
+        for r, by_k in by_rule.items():
+            by_rule[r] = {int(k): v for k, v in by_k.items()}
+    return res
+
+
+def write_report(out, results: dict, rankings: dict | None) -> Path:
+    """Write results.json, the PNGs and report.md into ``out`` (rankings: {concept: {rule:
+    HeadRanking}} for the head-score arrays, or None to keep the ones in ``results``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results["head_scores"] = {c: {r: rk.scores.tolist() for r, rk in rs.items()}
-                              for c, rs in rankings.items()}
+    if rankings is not None:  # None: regenerate from a results.json that has them
+        results["head_scores"] = {c: {r: rk.scores.tolist() for r, rk in rs.items()}
+                                  for c, rs in rankings.items()}
     write_json(out / "results.json", results)
     rep, chosen, sz = results["report"], results["chosen"], results["sizes"]
     total = results["num_layers"] * results["num_heads"]
@@ -107,9 +121,12 @@ def write_report(out, results: dict, rankings: dict) -> Path:
              "items of the other concepts (round-robin). Heads are inverted (gain -1). Rules are "
              "`baseline/aggregate` of `rank_heads` (none = the paper's raw EVR, random = EVR minus "
              "random-vocabulary EVR, contrastive = EVR on the concept's prompts minus EVR on the "
-             "other concepts' prompts). The rule is chosen on the tuning concepts' validation items "
-             "(largest mean specificity index over ks), then frozen; every number below is on test "
-             "items.", "",
+             "other concepts' prompts). The rule is chosen on the tuning concepts' validation items, "
+             + ("criterion `bar`: most (concept, k) cells with target <= 0.5 and other >= 0.8, then the "
+                "largest mean index among cells keeping other >= 0.8"
+                if results.get("criterion", "bar") == "bar" else
+                "criterion `index`: the largest mean specificity index over concepts and ks")
+             + ", then frozen; every number below is on test items.", "",
              f"Statistics: bootstrap 95 % intervals ({results['bootstrap']['method']}, "
              f"{results['bootstrap']['n_resamples']} resamples, seed {results['bootstrap']['seed']}; "
              "items resampled jointly for each ratio, target and other items independently for the "
@@ -144,9 +161,14 @@ def write_report(out, results: dict, rankings: dict) -> Path:
                     f"{_p(lm)} | {_p(cell.get('vs_uniform'))} | {pt} | {_f(pr['target'])} | "
                     f"{_f(pr['other'])} | {cell['layers']} | {'MET' if cell['passes'] else '-'} |")
     lines += ["", "## Rules on the held-out concepts", "",
-              "| rule | concepts meeting the bar | mean held-out index by k |", "|---|---|---|"]
+              "| rule | concepts meeting the bar | held-out cells with target <= 0.5 and other >= 0.8 | "
+              "mean index of held-out cells keeping other >= 0.8 (cells) | mean held-out index by k |",
+              "|---|---|---|---|---|"]
     for r, s in results["summary"]["rules"].items():
-        lines.append(f"| {r}{' (chosen)' if r == chosen else ''} | {', '.join(s['passing']) or '-'} | "
+        lines.append(f"| {r}{' (chosen)' if r == chosen else ''}"
+                     f"{' (best held out)' if r == results['summary']['best_held_out'] else ''} | "
+                     f"{', '.join(s['passing']) or '-'} | {s.get('held_out_accuracy_bar_cells', '-')} | "
+                     f"{_f(s.get('held_out_index_other_kept'))} ({s.get('held_out_cells_other_kept', '-')}) | "
                      + ", ".join(f"k={k}: {_f(v)}" for k, v in s["held_out_mean_index"].items()) + " |")
     lines += ["", "## Tuning evidence (validation items of the tuning concepts, index by k)", "",
               "| concept | rule | " + " | ".join(f"k={k}" for k in sz["ks"]) + " |",

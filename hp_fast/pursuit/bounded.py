@@ -1,27 +1,31 @@
 """Bounded dictionary-space pursuit: exact SOMP that scores few atoms exactly (fast-pursuit.md 8).
 
-The dense loop (``torch_backend``) keeps every atom's exact L2 score, which costs the start-up
-product ``D @ (M.T L)`` (``2 v d rr`` per head) and two dictionary columns per step. Here each
-head keeps, per atom, only an upper bound on its score (``bounds``: ``R`` scaled coordinates
-``yt`` along the head's top singular directions and ``o = ||P d_j||^2``), started by
-``D @ U_R`` (``2 v d R``) and updated from ONE column ``a = D q`` per step (``yt -= a (.)``,
-``o -= a^2``). Each step:
+The dense loop (``torch_backend._pursue``) keeps every atom's exact L2 score, which costs the
+start-up product ``D @ (M.T L)`` (``2 v d rr`` per head) and two dictionary columns per step.
+Here each head keeps, per atom, only what an upper bound on its score needs (``bounds``: ``R``
+scaled coordinates ``yt`` along the head's top singular directions, and ``o = ||P d_j||^2``),
+started by ``D @ U_R`` (``2 v d R``) and updated from ONE column ``a = D q`` per step
+(``yt -= a (.)``, ``o -= a^2``). Each step, for every head of the batch:
 
-1. bound every atom's selection score (``score_bounds``; l1: ``n s / ||d||^2`` squared, by
-   Cauchy-Schwarz, section 7); atoms near the span (``FRAGILE``) get ``+inf``: always exact;
-2. score exactly the ``SEEDS`` atoms with the best bounds (from their rows: ``P d_j`` by
-   Gram-Schmidt against ``Q``, then ``M P d_j``); the best of them is ``beta``;
-3. every atom whose bound reaches ``beta`` less the tie tolerance is scored exactly; the others
-   cannot be within ``TIE_RTOL`` of the best, so the pick (lowest index among the near-best)
-   is the full scan's;
-4. adaptivity: a head whose bound admits more than ``REFINE_FRAC`` of the vocabulary gets more
-   directions (``R`` doubled, one product ``D @ (P U_new)``); one that still admits more than
-   ``FALLBACK_FRAC`` (or ``HOPELESS_FRAC`` at once: a flat spectrum) is handed back ``failed``
-   and the driver reruns it with the dense loop, so every head's answer is exact.
+1. seeds: the atoms that scored best at the previous step (the best bounds at the first step)
+   are scored exactly from their rows (``P d_j`` by Gram-Schmidt against ``Q``, then
+   ``M P d_j``); the best of them is ``beta``;
+2. one fused pass over the vocabulary (``Batch.scan``, chunks that stay in cache) applies the
+   previous step's rank-one update, bounds every atom's score (l1: its square, by
+   Cauchy-Schwarz ``sum_i |f.z_i| <= sqrt(n s)``, section 7) and keeps the atoms whose bound
+   reaches ``beta`` less the tie tolerance; the bounds are never stored;
+3. those atoms are scored exactly; every other atom's score is below ``beta (1 - TIE_RTOL)``, so
+   the pick (lowest index among the scores within ``TIE_RTOL`` of the best) is the full scan's;
+4. adaptivity: a head that admits more than ``REFINE_FRAC`` of the vocabulary first gets seeds
+   from its best bounds, then more directions (``R`` doubled: one product ``D @ (P U_new)``);
+   one that still admits more than ``FALLBACK_FRAC`` at the cap, or ``HOPELESS_FRAC`` at once
+   (a flat spectrum), is returned ``failed`` and the driver reruns it with the dense loop.
 
-Exact scores come from the rows, so the fp32 drift of ``yt`` and ``o`` only loosens the bound;
-the margin ``drift_eps`` covers it. ``SPAN_TOL`` retirement happens when an atom's exact
-``o`` is computed (atoms near the span always are). ``stats`` counts the atoms scored exactly.
+Exact scores come from the rows, so the fp32 drift of ``yt`` and ``o`` only loosens the bound,
+and the margin (``bounds.drift_eps``) covers it. ``SPAN_TOL`` retirement happens when an atom's
+exact ``o`` is computed: an atom inside the span scores ~0, so it is computed (and retired)
+whenever it could matter; ormp bounds of atoms with tiny ``o`` are huge, so they always are.
+``stats`` counts the atoms scored exactly per step.
 """
 from __future__ import annotations
 
@@ -31,21 +35,23 @@ import torch
 
 from .bounds import (BOUND_R, BOUND_R_MAX, Directions, drift_eps, grow_directions,
                      make_directions, set_terms)
-from .numerics import FRAGILE, TIE_RTOL, PursuitStats, append_support, gram_factor
+from .numerics import TIE_RTOL, PursuitStats, append_support, gram_factor
 from .result import SPAN_TOL
+from .small_dictionary import one_thread
 
-SEEDS = 4             # atoms with the best bounds scored exactly first, per head and step
-REFINE_FRAC = 0.002   # a step admitting more than this fraction of v doubles the head's R
+SEEDS = 4             # atoms scored exactly first, per head and step, to set the threshold
+REFINE_FRAC = 0.002   # a step admitting more than this fraction of v reseeds, then doubles R
 FALLBACK_FRAC = 0.05  # more than this with R at its cap: the head is rerun by the dense loop
 HOPELESS_FRAC = 0.25  # more than this: the bound is useless for the head (flat spectrum)
 MIN_COUNT = 64        # absolute floor of the three thresholds above (small dictionaries)
 EXACT_HEADS = 64      # heads scored together in one exact-score pass
+THETA = 1.0 / 32      # split of the drift margin (``Batch.coefficients``)
+VOCAB_CHUNK = 2048    # atoms per chunk of the fused pass (its state stays in cache)
 
 
 def bounded_batch_size(v: int, n: int, d: int, r: int, k: int, memory: int) -> int:
-    """Heads per batch so the per-step state (yt (R, v), o, bounds, one column, masks, and Q)
-    fits ``memory`` bytes."""
-    per_head = 4 * v * (BOUND_R + 6) + 4 * (k * d + 2 * r * d + n * r + k * k)
+    """Heads per batch so the state (yt (R, v), o, and Q, G, M-sized pieces) fits ``memory``."""
+    per_head = 4 * v * (BOUND_R + 2) + 4 * (k * d + 2 * r * d + n * r + k * k)
     return max(1, int(memory // per_head))
 
 
@@ -76,14 +82,15 @@ class Batch:
         self.L = gram_factor(Z, self.G)  # (B, r, rr)
         self.chunk = max(1 << 24, memory // 8)
         self.rtol = TIE_RTOL[dt]
-        self.atom_sq, self.atom_norm = atom_sq, atom_sq.sqrt()
-        self.tol, self.frag = SPAN_TOL * atom_sq, FRAGILE * atom_sq
+        self.atom_sq = atom_sq
+        self.tol = SPAN_TOL * atom_sq
         self.inv_sq = None
         if normalize and criterion != "ormp":
             self.inv_sq = torch.where(atom_sq > 0, 1.0 / atom_sq, torch.zeros_like(atom_sq))
         self.inv_norm = self.inv_sq.sqrt() if (self.inv_sq is not None and criterion == "l1") \
             else None
-        self.dirs = make_directions(M, self.L, BOUND_R)
+        with one_thread(dev):  # small float64 eigenproblems: one thread is faster
+            self.dirs = make_directions(M, self.L, BOUND_R)
         self.yt = start_up(D, self.dirs, self.chunk)  # (B, Rc, v)
         self.o = atom_sq.expand(B, v).clone()  # (B, v) ||P d_j||^2; NaN: never to choose
         self.o[:, atom_sq <= 0] = math.nan
@@ -91,35 +98,93 @@ class Batch:
         self.T = torch.zeros(B, k, k, dtype=dt, device=dev)
         self.t = 0
         self.eps = drift_eps(dt, d, 0)
+        self.seeds = None  # (B, S) atoms to score first at the next step, seed_ok (B, S)
+        self.seed_ok = None
 
     # ---------------------------------------------------------------- bounds
-    def bounds(self, heads=None) -> torch.Tensor:
-        """(b, v) upper bounds of the selection score (l1: of its square); -inf for atoms never
-        to choose, +inf for atoms near the span (always scored exactly)."""
+    def coefficients(self, heads=None):
+        """(alpha, tau (b, 1), kappa (b, 1)) of ``ub = alpha ||yt||^2 + tau o + kappa ||d||^2``
+        (times n for l1): ``(sqrt(x) + m)^2 <= (1 + THETA) x + (1 + 1/THETA) m^2`` turns the
+        drift margin ``m = eps ||d|| sqrt(sum c)`` into terms without a square root."""
         sl = slice(None) if heads is None else heads
-        yt, o, dirs = self.yt[sl], self.o[sl], self.dirs
-        eps = self.eps
-        ub = torch.linalg.vector_norm(yt, dim=1)  # (b, v) = ||sqrt(c) y||
-        ub.addcmul_(dirs.sqrt_csum[sl][:, None], self.atom_norm[None, :], value=eps)
-        ub.square_()
-        ub.addcmul_(dirs.tau[sl][:, None], torch.add(o, self.atom_sq, alpha=eps))
+        scale = float(self.n) if self.criterion == "l1" else 1.0
+        tau = self.dirs.tau[sl] * scale
+        csum = self.dirs.sqrt_csum[sl].square() * scale
+        kappa = (1.0 + 1.0 / THETA) * self.eps ** 2 * csum + tau * self.eps
+        return (1.0 + THETA) * scale, tau[:, None], kappa[:, None]
+
+    def fill_bounds(self, out, yt, o, cols, coef) -> None:
+        """Bounds (b, vc) into ``out`` from yt (b, Rc, vc), o (b, vc) of atoms ``cols`` (a
+        slice): upper bounds of the selection score (l1: of its square); -inf for atoms never
+        to choose (o NaN)."""
+        alpha, tau, kappa = coef
+        torch.mul(yt[:, 0], yt[:, 0], out=out)
+        for r in range(1, yt.shape[1]):
+            out.addcmul_(yt[:, r], yt[:, r])
+        out.mul_(alpha)
+        out.addcmul_(tau, o)
+        sq = self.atom_sq[cols]
+        out.addcmul_(kappa, sq[None, :])
         if self.criterion == "ormp":
-            ub.div_(torch.add(o, self.atom_sq, alpha=-eps).clamp_min_(torch.finfo(o.dtype).tiny))
+            out.div_(torch.add(o, sq, alpha=-self.eps).clamp_min_(torch.finfo(o.dtype).tiny))
         elif self.inv_sq is not None:
-            ub.mul_(self.inv_sq)
-        if self.criterion == "l1":
-            ub.mul_(self.n)
-        ub.masked_fill_(o.isnan(), -math.inf)
-        ub.masked_fill_(o < self.frag, math.inf)
+            out.mul_(self.inv_sq[cols])
+        out.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+    def bounds(self, heads) -> torch.Tensor:
+        """(b, v) bounds of ``heads`` (b,) from the current state."""
+        yt, o = self.yt[heads], self.o[heads]
+        ub = torch.empty_like(o)
+        coef = self.coefficients(heads)
+        v = o.shape[1]
+        for c0 in range(0, v, VOCAB_CHUNK):
+            c = slice(c0, min(v, c0 + VOCAB_CHUNK))
+            self.fill_bounds(ub[:, c], yt[:, :, c], o[:, c], c, coef)
         return ub
+
+    def scan(self, q, thr) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused pass: rank-one updates of yt and o for the new support rows q (B, d) (None:
+        none) from one column a = D q per head, the bounds, and the atoms whose bound reaches
+        thr (B,) (bound units), chunk by chunk. Returns (head (m,), atom (m,)) pairs sorted by
+        head, then atom."""
+        B, v = self.o.shape
+        Rc = self.yt.shape[1]
+        coef = self.coefficients()
+        wt = None
+        if q is not None:
+            wt = torch.bmm(q[:, None, :], self.dirs.U)[:, 0] * self.dirs.sqrt_c  # (B, Rc)
+        out = torch.empty(B, min(v, VOCAB_CHUNK), dtype=self.D.dtype, device=self.D.device)
+        bis, jis = [], []
+        for c0 in range(0, v, VOCAB_CHUNK):
+            c = slice(c0, min(v, c0 + VOCAB_CHUNK))
+            o, yt = self.o[:, c], self.yt[:, :, c]
+            if wt is not None:
+                a = q @ self.D[c].T  # (B, vc)
+                o.addcmul_(a, a, value=-1.0)
+                yt.addcmul_(wt[:, :, None], a[:, None, :], value=-1.0)
+            ub = out[:, :o.shape[1]]
+            self.fill_bounds(ub, yt, o, c, coef)
+            bi, ji = (ub >= thr[:, None]).nonzero(as_tuple=True)
+            bis.append(bi)
+            jis.append(ji + c0)
+        return torch.cat(bis), torch.cat(jis)
+
+    def threshold(self, beta, heads=None) -> torch.Tensor:
+        """Bound-unit threshold (b,) for best exact scores beta (b,): beta less the tie
+        tolerance (squared for l1)."""
+        thr = beta - self.rtol * beta.abs()
+        if self.criterion == "l1":
+            thr = torch.where(thr > 0, thr.square(), torch.zeros_like(thr))
+        return thr
 
     def refine(self, heads, stats: PursuitStats) -> None:
         """Double the directions of ``heads`` (capped at BOUND_R_MAX and the rank)."""
         dirs = self.dirs
         for R0 in torch.unique(dirs.R[heads]).tolist():
             h = heads[dirs.R[heads] == R0]
-            R0, new = grow_directions(dirs, self.M, self.L, h, min(max(2 * R0, BOUND_R),
-                                                                     BOUND_R_MAX))
+            with one_thread(self.D.device):
+                R0, new = grow_directions(dirs, self.M, self.L, h,
+                                          min(max(2 * R0, BOUND_R), BOUND_R_MAX))
             m = new.shape[2]
             if m == 0:
                 continue
@@ -127,7 +192,8 @@ class Batch:
                 pad = dirs.U.shape[2] - self.yt.shape[1]
                 self.yt = torch.cat([self.yt, self.yt.new_zeros(self.yt.shape[0], pad,
                                                                 self.yt.shape[2])], dim=1)
-            old = set_terms(dirs, self.M, self.L, h)  # sqrt(c) before, (b, Rc)
+            with one_thread(self.D.device):
+                old = set_terms(dirs, self.M, self.L, h)  # sqrt(c) before, (b, Rc)
             ratio = dirs.sqrt_c[h, :R0] / old[:, :R0].clamp_min(torch.finfo(old.dtype).tiny)
             self.yt[h, :R0] = self.yt[h, :R0] * ratio[:, :, None]
             Qt = self.Q[h, :self.t]  # (b, t, d)
@@ -145,14 +211,15 @@ class Batch:
 
     # ---------------------------------------------------------------- exact scores
     def exact(self, idx, heads) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact scores (b, m) and exact o (b, m) of atoms idx (b, m) of ``heads`` (b,), from
-        their rows: x = P d_j (Gram-Schmidt twice), F = M x; retired atoms score -inf."""
+        """Exact scores (b, m) and exact o (b, m) of atoms idx (b, m) of ``heads`` (b,) (None:
+        all), from their rows: x = P d_j (Gram-Schmidt twice), F = M x; retired atoms -inf."""
         b, m = idx.shape
         t, d = self.t, self.D.shape[1]
         n, r = self.n, self.M.shape[1]
-        Qh = self.Q[heads, :t]  # (b, t, d)
-        MTh = self.MT[heads]  # (b, d, r)
-        side = self.Z[heads].transpose(1, 2) if self.criterion == "l1" else self.L[heads]
+        sel = slice(None) if heads is None else heads
+        Qh = self.Q[sel, :t]  # (b, t, d)
+        MTh = self.MT[sel]  # (b, d, r)
+        side = self.Z[sel].transpose(1, 2) if self.criterion == "l1" else self.L[sel]
         out = torch.empty(b, m, dtype=self.D.dtype, device=self.D.device)
         orth = torch.empty_like(out)
         mc = max(1, self.chunk // max(1, b * (d + t + r + n) * self.D.element_size()))
@@ -178,44 +245,55 @@ class Batch:
             orth[:, c0:c0 + mc] = o
         return out, orth
 
-    def exact_sets(self, idx, valid) -> torch.Tensor:
-        """Exact scores (B, m) of idx (B, m) where valid, -inf elsewhere; heads sorted by count
-        and scored EXACT_HEADS at a time up to their group's largest count. Atoms found inside
-        the span are retired (o NaN); the others' o is refreshed with the exact value."""
-        B, m = idx.shape
-        ex = torch.full((B, m), -math.inf, dtype=self.D.dtype, device=self.D.device)
+    def exact_sets(self, idx, valid, heads=None, current=True) -> torch.Tensor:
+        """Exact scores (b, m) of idx (b, m) (rows: ``heads`` (b,), all heads by default) where
+        valid, -inf elsewhere. Rows with equal counts go in one pass; otherwise rows are
+        sorted by count and scored EXACT_HEADS at a time up to their group's largest count.
+        Atoms found inside the span are retired (o NaN); the others' o is set exact when the
+        state is ``current`` (already updated for the last support row)."""
+        b, m = idx.shape
+        dev = self.D.device
+        ex = torch.full((b, m), -math.inf, dtype=self.D.dtype, device=dev)
         counts = valid.sum(dim=1)
-        order = torch.argsort(counts, descending=True)
-        cnt = counts[order].tolist()
-        for g0 in range(0, B, EXACT_HEADS):
-            mg = cnt[g0]
-            if mg == 0:
-                break
-            hs = order[g0:g0 + EXACT_HEADS]
-            ii = idx[hs, :mg]
-            ok = valid[hs, :mg]
+        rows_all = torch.arange(b, device=dev)
+        if b == 0 or m == 0 or int(counts.max()) == 0:
+            return ex
+        if int(counts.min()) == int(counts.max()) and heads is None:
+            groups = [(None, m)]  # every head, in order: no gathered copies of Q, M, Z
+        else:
+            order = torch.argsort(counts, descending=True)
+            cnt = counts[order].tolist()
+            groups = [(order[g0:g0 + EXACT_HEADS], cnt[g0]) for g0 in range(0, b, EXACT_HEADS)
+                      if cnt[g0] > 0]
+        for rs, mg in groups:
+            hs = None if rs is None else (rs if heads is None else heads[rs])
+            rs = rows_all if rs is None else rs
+            ii = idx[rs, :mg]
+            ok = valid[rs, :mg]
             sc, o = self.exact(ii, hs)
             sc.masked_fill_(~ok, -math.inf)
-            ex[hs, :mg] = sc
-            rows = hs[:, None].expand_as(ii)[ok]
-            cols = ii[ok]
-            o = o[ok]
-            self.o[rows, cols] = torch.where(o <= self.tol[cols], torch.full_like(o, math.nan), o)
+            ex[rs, :mg] = sc
+            hrow = (rs if heads is None else heads[rs])[:, None].expand_as(ii)[ok]
+            cols, o = ii[ok], o[ok]
+            fill = torch.full_like(o, math.nan)
+            if current:
+                self.o[hrow, cols] = torch.where(o <= self.tol[cols], fill, o)
+            else:
+                dead = o <= self.tol[cols]
+                self.o[hrow[dead], cols[dead]] = fill[dead]
         return ex
 
 
-def ragged(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mask (B, v) -> idx (B, m) atom indices of each row's True entries (ascending, padded
-    with 0) and valid (B, m); m = the largest count."""
-    B = mask.shape[0]
-    counts = mask.sum(dim=1)
-    m = int(counts.max()) if B else 0
-    bi, ji = mask.nonzero(as_tuple=True)
+def pairs_to_rows(bi, ji, B) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head, atom) pairs sorted by head -> idx (B, m) atom indices per head (padded with 0),
+    valid (B, m); m = the largest count."""
+    counts = torch.bincount(bi, minlength=B)
+    m = int(counts.max()) if bi.numel() else 0
     starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(bi.numel(), device=mask.device) - starts[bi]
-    idx = torch.zeros(B, m, dtype=torch.long, device=mask.device)
+    pos = torch.arange(bi.numel(), device=bi.device) - starts[bi]
+    idx = torch.zeros(B, m, dtype=torch.long, device=bi.device)
     idx[bi, pos] = ji
-    valid = torch.zeros(B, m, dtype=torch.bool, device=mask.device)
+    valid = torch.zeros(B, m, dtype=torch.bool, device=bi.device)
     valid[bi, pos] = True
     return idx, valid
 
@@ -230,47 +308,85 @@ def pick_lowest(idx, ex, rtol) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(near, idx, torch.full_like(idx, big)).min(dim=1).values, ok
 
 
-def select(st: Batch, alive, stats: PursuitStats):
-    """One exact selection for every head: (atom (B,), found (B,), failed (B,))."""
+def drop_known(bi, ji, known) -> torch.Tensor:
+    """Mask (m,) of the pairs whose atom is not in their head's row of known (B, S)."""
+    if bi.numel() == 0:
+        return torch.ones(0, dtype=torch.bool, device=bi.device)
+    return ~(known[bi] == ji[:, None]).any(dim=1)
+
+
+def select(st: Batch, q, alive, stats: PursuitStats):
+    """One exact selection for every head, after the rank-one update by the previous step's
+    rows q (B, d) (None at the first step): (atom (B,), found (B,), failed (B,))."""
     B, v = st.o.shape
-    ub = st.bounds()
+    dev = st.o.device
     S = min(SEEDS, v)
-    sv, si = ub.topk(S, dim=1)  # (B, S) best bounds first
-    ex_s = st.exact_sets(si, (sv > -math.inf) & alive[:, None])
-    beta = ex_s.max(dim=1).values
-    thr = beta - st.rtol * beta.abs()
-    if st.criterion == "l1":  # bounds are of the squared L1 score
-        thr = torch.where(thr > 0, thr.square(), torch.zeros_like(thr))
-
-    def admitted(ub_rows, rows):
-        c = (ub_rows >= thr[rows, None]) & (ub_rows > -math.inf)
-        c.scatter_(1, si[rows], False)  # the seeds are scored already
-        return c & alive[rows, None]
-
-    allh = torch.arange(B, device=ub.device)
-    cand = admitted(ub, allh)
-    counts = cand.sum(dim=1)
     lim = lambda frac: max(MIN_COUNT, frac * v)  # noqa: E731
+    if st.seeds is None:  # first step: the best bounds
+        sv, st.seeds = st.bounds(torch.arange(B, device=dev)).topk(S, dim=1)
+        st.seed_ok = sv > -math.inf
+    seeds, sok = st.seeds, st.seed_ok & alive[:, None]
+    ex_s = st.exact_sets(seeds, sok, current=q is None)  # before the fused update
+    beta = ex_s.max(dim=1).values
+    lacking = alive & ~torch.isfinite(beta)
+    thr = torch.where(alive & ~lacking, st.threshold(beta), torch.full_like(beta, math.inf))
+    bi, ji = st.scan(q, thr)
+    keep = drop_known(bi, ji, seeds) & alive[bi]
+    bi, ji = bi[keep], ji[keep]
+    counts = torch.bincount(bi, minlength=B)
+    blocks = [(seeds, ex_s)]
+    # heads without a usable seed, or admitting too much: seeds from their best bounds, then
+    # more directions; the bounds of these few heads are recomputed in full
+    redo = alive & (lacking | (counts > lim(REFINE_FRAC)))
     cap = torch.clamp(st.dirs.rank, max=BOUND_R_MAX)
-    for _ in range(3):  # refine heads whose bound admits too much (not the hopeless ones)
-        grow = (counts > lim(REFINE_FRAC)) & (counts <= lim(HOPELESS_FRAC)) & (st.dirs.R < cap)
-        if not bool(grow.any()):
-            break
-        hb = grow.nonzero()[:, 0]
-        st.refine(hb, stats)
-        cand[hb] = admitted(st.bounds(hb), hb)
-        counts[hb] = cand[hb].sum(dim=1)
+    if bool(redo.any()):
+        hb = redo.nonzero()[:, 0]
+        ub = st.bounds(hb)
+        sv, si = ub.topk(S, dim=1)
+        ex2 = st.exact_sets(si, sv > -math.inf, heads=hb)
+        beta[hb] = torch.maximum(beta[hb], ex2.max(dim=1).values)
+        thr[hb] = st.threshold(beta[hb])
+        seeds2 = torch.zeros_like(seeds)
+        ex2_all = torch.full_like(ex_s, -math.inf)
+        seeds2[hb], ex2_all[hb] = si, ex2
+        blocks.append((seeds2, ex2_all))
+        known = torch.cat([seeds, seeds2], dim=1)
+        for _ in range(3):
+            cb = (ub >= thr[hb, None]).nonzero(as_tuple=True)
+            nbi, nji = hb[cb[0]], cb[1]
+            keepn = drop_known(nbi, nji, known)
+            nbi, nji = nbi[keepn], nji[keepn]
+            counts[hb] = torch.bincount(nbi, minlength=B)[hb]
+            grow = (counts[hb] > lim(REFINE_FRAC)) & (counts[hb] <= lim(HOPELESS_FRAC)) \
+                & (st.dirs.R[hb] < cap[hb])
+            if not bool(grow.any()):
+                break
+            st.refine(hb[grow], stats)
+            ub = st.bounds(hb)
+        mine = redo[bi]
+        bi = torch.cat([bi[~mine], nbi])
+        ji = torch.cat([ji[~mine], nji])
+        order = torch.argsort(bi * v + ji)
+        bi, ji = bi[order], ji[order]
     failed = alive & ((counts > lim(HOPELESS_FRAC))
                       | ((counts > lim(FALLBACK_FRAC)) & (st.dirs.R >= cap)))
     if bool(failed.any()):
-        cand[failed] = False
-    idx, valid = ragged(cand)
-    ex_c = st.exact_sets(idx, valid)
-    n_exact = int(((sv > -math.inf) & alive[:, None]).sum()) + int(valid.sum())
+        keep = ~failed[bi]
+        bi, ji = bi[keep], ji[keep]
+    idx, valid = pairs_to_rows(bi, ji, B)
+    blocks.append((idx, st.exact_sets(idx, valid)))
+    n_exact = sum(int((ex > -math.inf).sum()) for _, ex in blocks[:-1]) + int(valid.sum())
+    live = int(alive.sum())
     stats.bounded_exact += n_exact
-    stats.bounded_total += int(alive.sum()) * v
-    stats.bounded_per_step.append(n_exact / max(1, int(alive.sum()) * v))
-    p, ok = pick_lowest(torch.cat([si, idx], dim=1), torch.cat([ex_s, ex_c], dim=1), st.rtol)
+    stats.bounded_total += live * v
+    stats.bounded_per_step.append(n_exact / max(1, live * v))
+    all_idx = torch.cat([b[0] for b in blocks], dim=1)
+    all_ex = torch.cat([b[1] for b in blocks], dim=1)
+    p, ok = pick_lowest(all_idx, all_ex, st.rtol)
+    # next step's seeds: this step's best exact scores, the chosen atom left out
+    nxt = all_ex.masked_fill(all_idx == p[:, None], -math.inf)
+    sv, pos = nxt.topk(min(S, nxt.shape[1]), dim=1)
+    st.seeds, st.seed_ok = all_idx.gather(1, pos), sv > -math.inf
     return p, ok & alive & ~failed, failed
 
 
@@ -281,7 +397,7 @@ def pursue_bounded(Z, M, D, atom_sq, k, criterion, normalize, stats: PursuitStat
     Returns support (B, k), evr (B, k), Q (B, k, d), T (B, k, k) and failed (B,) bool: heads
     whose bound was too loose, to be rerun by the dense loop (their rows are not valid)."""
     B = Z.shape[0]
-    v, d = D.shape
+    d = D.shape[1]
     dev = D.device
     st = Batch(Z, M, D, atom_sq, k, criterion, normalize, memory)
     support = torch.full((B, k), -1, dtype=torch.long, device=dev)
@@ -290,10 +406,10 @@ def pursue_bounded(Z, M, D, atom_sq, k, criterion, normalize, stats: PursuitStat
     alive = torch.ones(B, dtype=torch.bool, device=dev)
     failed = torch.zeros(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
-    vc = max(256, st.chunk // max(1, B * (st.yt.shape[1] + 2) * D.element_size()))
+    q = None
     for t in range(k):
         st.t, st.eps = t, drift_eps(D.dtype, d, t)
-        p, ok, fail = select(st, alive, stats)
+        p, ok, fail = select(st, q, alive, stats)
         failed |= fail
         alive = ok
         if not bool(ok.any()):
@@ -301,18 +417,8 @@ def pursue_bounded(Z, M, D, atom_sq, k, criterion, normalize, stats: PursuitStat
             break
         q, _, _, _ = append_support(D, p, ok, st.Q, st.T, support, st.MT, st.G, explained,
                                     st.total, evr, t)
+        st.o[rows[ok], p[ok]] = math.nan  # the chosen atom
         if bar is not None:
             bar.update(B)
-        if t == k - 1:
-            break
-        # rank-one updates of the bounds' state from one column a = D q per head
-        wt = torch.bmm(q[:, None, :], st.dirs.U)[:, 0] * st.dirs.sqrt_c  # (B, Rc)
-        Rc = wt.shape[1]
-        for c0 in range(0, v, vc):
-            c1 = min(v, c0 + vc)
-            a = q @ D[c0:c1].T  # (B, vc)
-            st.o[:, c0:c1].addcmul_(a, a, value=-1.0)
-            st.yt[:, :Rc, c0:c1].addcmul_(wt[:, :, None], a[:, None, :], value=-1.0)
-        st.o[rows[ok], p[ok]] = math.nan  # the chosen atom
     stats.bounded_fallback += int(failed.sum())
     return support, evr, st.Q, st.T, failed

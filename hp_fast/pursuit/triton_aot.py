@@ -120,30 +120,48 @@ _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def cubin_resources(cubin: bytes, kernel: str) -> dict:
-    """{"registers", "stack_bytes", "static_shared_bytes"} of ``kernel`` in a cubin (cuobjdump)."""
+def res_usage(path: str) -> str:
+    """``cuobjdump -res-usage`` of a cubin or an object file with device code."""
     tool = nvidia_tool("cuobjdump")
     if tool is None:
         raise RuntimeError("cuobjdump not found (bundled with triton or on PATH)")
+    return subprocess.run([tool, "-res-usage", path], capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+
+
+def cubin_resources(cubin: bytes, kernel: str) -> dict:
+    """{"registers", "stack_bytes", "static_shared_bytes"} of ``kernel`` in a cubin (cuobjdump)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                             check=True, timeout=60).stdout
+        return parse_res_usage(res_usage(f.name), kernel)
     finally:
         os.unlink(f.name)
-    return parse_res_usage(out, kernel)
+
+
+def res_usage_table(text: str) -> list[dict]:
+    """Every function of ``cuobjdump -res-usage`` output: {"arch" (e.g. "sm_90", "" when not
+    said), "function" (as printed, mangled for C++), "registers", "stack_bytes",
+    "static_shared_bytes"}."""
+    out, arch = [], ""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        a = re.match(r"\s*arch = (sm_\w+)", line)
+        if a:
+            arch = a[1]
+        f = re.match(r"\s*Function (.+):\s*$", line)
+        m = _RES.search(lines[i + 1]) if f and i + 1 < len(lines) else None
+        if m:
+            out.append({"arch": arch, "function": f[1], "registers": int(m[1]),
+                        "stack_bytes": int(m[2]), "static_shared_bytes": int(m[3])})
+    return out
 
 
 def parse_res_usage(text: str, kernel: str) -> dict:
-    """Parse ``cuobjdump -res-usage`` output for the function named ``kernel``."""
-    blocks = re.split(r"\n\s*Function ", "\n" + text)
-    for b in blocks[1:]:
-        name, _, rest = b.partition(":")
-        m = _RES.search(rest)
-        if name.strip() == kernel and m:
-            return {"registers": int(m[1]), "stack_bytes": int(m[2]),
-                    "static_shared_bytes": int(m[3])}
+    """Registers, stack and static shared memory of the function named ``kernel``."""
+    for row in res_usage_table(text):
+        if row["function"] == kernel:
+            return {k: row[k] for k in ("registers", "stack_bytes", "static_shared_bytes")}
     raise ValueError(f"cuobjdump -res-usage output names no function {kernel!r}:\n{text}")
 
 

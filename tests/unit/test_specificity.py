@@ -98,6 +98,16 @@ def test_choice_uses_tuning_concepts_only():
         choose_rule(_evidence("none/mean", "none/mean"), ["colors"])
 
 
+def test_bar_criterion_prefers_specific_edits_over_breaking_everything():
+    cell_break = {"target": 0.0, "other": 0.4, "index": 0.6}   # breaks both, target a bit more
+    cell_spec = {"target": 0.45, "other": 0.9, "index": 0.45}  # the bar's kind of edit
+    ev = {"countries": {"none/mean": {2: cell_break}, "random/mean": {2: cell_spec}}}
+    assert choose_rule(ev, ["countries"], "index") == "none/mean"
+    assert choose_rule(ev, ["countries"], "bar") == "random/mean"
+    with pytest.raises(ValueError, match="criterion"):
+        choose_rule(ev, ["countries"], "best")
+
+
 def test_contrastive_rule_and_its_errors():
     model, tok = tiny_model(), tiny_tokenizer()
     acts = hp_fast.capture(model, tok, _prompts(6, 2), chat_template=False, progress=False)

@@ -86,3 +86,34 @@ def test_launch_configs_list_every_configuration_the_launcher_picks(monkeypatch)
     assert len({(k, tuple(sorted(c.items()))) for k, c in used}) >= 8
     for entry in used:
         assert entry in listed, entry
+
+
+@pytest.mark.parametrize("criterion,n,dh,normalize", [
+    ("l1", 7, 128, True), ("l1", 9, 200, False), ("l2", 130, 128, True), ("l2", 140, 200, False),
+    ("ormp", 130, 128, False)])
+def test_triton_wide_rows_match_reference(criterion, n, dh, normalize):
+    """X rows of width 128 and 256 (BR): the 16-row tiles and the 32-column walk over X that keep
+    the kernels within their register budget (triton_aot.BUDGET) select what the reference
+    selects. l2/ormp rows are min(n, dh) wide, hence n >= 128 there; v=53 spans four 16-row
+    tiles, the last one partial."""
+    from hp_fast.pursuit.triton_kernels import score_config, update_config
+    z, w_o, D = planted_heads(2, n, dh, 40, 53, 4, seed=n + dh)
+    r = dh if criterion == "l1" else min(n, dh)
+    assert score_config(0, normalize, r)["BV"] == update_config(r)["BV"] == 16
+    ref = somp_heads(z, w_o, D, 4, criterion=criterion, normalize=normalize, backend="reference")
+    got = somp_heads(z, w_o, D, 4, criterion=criterion, normalize=normalize, backend="triton")
+    check_same(ref, got)
+
+
+def test_triton_precision_option_is_checked_and_ignored_by_the_interpreter():
+    """``precision`` reaches the kernels as a constexpr; a name outside DOT_PRECISIONS is refused
+    before any work. Under the interpreter every precision runs as ieee (it multiplies in fp32
+    with numpy), so its exactness is decided on a GPU (tests/gpu, bench_precision.py)."""
+    from hp_fast.pursuit.triton_backend import somp_heads_triton
+    from hp_fast.pursuit.triton_kernels import DOT_PRECISIONS, kernel_precision
+    z, w_o, D = planted_heads(2, 5, 6, 19, 40, 3, seed=5)
+    with pytest.raises(ValueError, match="precision='tf32' is unknown"):
+        somp_heads_triton(z, w_o, D, 3, precision="tf32")
+    assert {kernel_precision(p) for p in DOT_PRECISIONS} == {"ieee"}
+    ref = somp_heads(z, w_o, D, 3, backend="reference")
+    check_same(ref, somp_heads_triton(z, w_o, D, 3, precision="bf16x3"))
