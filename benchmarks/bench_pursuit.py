@@ -24,6 +24,23 @@ scripts/gpu_check.sh runs ``--gpu-only``; its dry run ``--device cpu --gpu-shape
 
     python benchmarks/bench_pursuit.py                       # CPU, l1 l2 ormp, n=200 and 2000
     python benchmarks/bench_pursuit.py --criteria l2 --heads 64 --naive-heads 1
+
+Large-dictionary methods (``--methods``, default both): ``dense`` (torch_backend._pursue) and
+``bounded`` (bounded.py, section 8), timed on the same inputs in the same run, with the naive
+loop; each row says the method, the fraction of the vocabulary scored exactly
+(``exact_fraction``), whether its supports equal the other method's on every head, and the load
+average. ``--acts FILE`` (``hp-fast capture --out FILE``, e.g. the prompts of
+``benchmarks/real_prompts.py``): the real captured z instead of random normal z.
+``--shapes llama3-8b``: Llama-3-8B shapes (1024 heads, d=4096, dh=128, v=128256), random w_o and
+unembedding, z synthetic with the spectral profile of real heads (``pursuit_inputs``: fitted on
+``--acts`` when given, else the built-in fit); ``--heads`` takes the first heads only (the row
+says so) and the naive loop is timed on ``--naive-heads`` heads for ``--naive-steps`` steps and
+scaled.
+
+    PYTHONPATH=. python benchmarks/bench_pursuit.py --criteria l1 l2 ormp --ns 200 \
+        --acts /tmp/acts200.safetensors --naive-heads 2
+    PYTHONPATH=. python benchmarks/bench_pursuit.py --shapes llama3-8b --criteria l1 --ns 200 \
+        --acts /tmp/acts200.safetensors --methods bounded --naive-heads 1 --naive-steps 5
 """
 from __future__ import annotations
 
@@ -33,19 +50,30 @@ import os
 
 import torch
 
-from common import RESULTS_DIR, RESULTS_MD, PeakMemory, add_table_rows, append_csv, machine, timed
+from common import (RESULTS_DIR, RESULTS_MD, PeakMemory, add_table_rows, append_csv,
+                    load_average, machine, timed)
+from pursuit_inputs import (default_profile, fit_profile, random_model_weights, real_head_z,
+                            synthetic_z)
 from hp_fast.pursuit.reference import somp_reference
 from hp_fast.pursuit.torch_backend import somp_heads_torch
 
 FIELDS = ["date", "machine", "device", "shape", "weights", "criterion", "heads", "n", "k", "v",
           "d", "dh", "backend", "seconds", "naive_seconds_scaled", "naive_heads_timed",
           "ratio_to_naive", "naive_same_support", "floor_gflop", "achieved_fraction",
-          "gemm_gflops", "peak_mem_mib", "l1_visited", "final_evr_mean"]
+          "gemm_gflops", "peak_mem_mib", "l1_visited", "final_evr_mean", "method", "z",
+          "exact_fraction", "twin_same_support", "load_avg"]
 TABLE = [("date", "date"), ("machine", "machine"), ("shape", "shape"),  # RESULTS.md column, field
          ("criterion", "criterion"), ("heads", "heads"), ("n", "n"), ("backend", "backend"),
          ("s", "seconds"), ("naive s (scaled)", "naive_seconds_scaled"),
          ("ratio", "ratio_to_naive"), ("achieved", "achieved_fraction"),
          ("peak MiB", "peak_mem_mib"), ("same support", "naive_same_support")]
+TABLE_METHODS = [("date", "date"), ("machine", "machine"), ("shape", "shape"), ("z", "z"),
+                 ("criterion", "criterion"), ("heads", "heads"), ("n", "n"), ("method", "method"),
+                 ("s", "seconds"), ("naive s (scaled)", "naive_seconds_scaled"),
+                 ("ratio", "ratio_to_naive"), ("exact fraction", "exact_fraction"),
+                 ("peak MiB", "peak_mem_mib"), ("same as naive", "naive_same_support"),
+                 ("same as twin", "twin_same_support"), ("load", "load_avg")]
+SHAPES = {"smollm2": None, "llama3-8b": (1024, 4096, 128, 128256)}  # heads, d, dh, v
 
 
 def result_row(**values) -> dict:
@@ -101,52 +129,111 @@ def smollm2_inputs(n, heads, seed=0):
     return z, w_o, D, src
 
 
-def time_naive(z, w_o, D, k, criterion, heads):
-    """(fastest seconds of one head, [support of each head]) over the first ``heads`` heads."""
+def time_naive(z, w_o, D, k, criterion, heads, steps=0):
+    """(fastest seconds of one head for k steps, [support of each head]) over the first
+    ``heads`` heads; ``steps`` > 0: only that many steps are run and the time is scaled to k
+    (the supports then hold the first ``steps`` atoms)."""
     runs = []
+    kk = min(k, steps) if steps else k
     for b in range(heads):
         H = z[b] @ w_o[b]  # (n, d): formed outside the clock
-        runs.append(timed(lambda: naive_support(H, D, k, criterion)))
-    return (min(t.best for t in runs) if runs else None), [t.result for t in runs]
+        runs.append(timed(lambda: naive_support(H, D, kk, criterion)))
+    best = min(t.best for t in runs) * k / kk if runs else None
+    return best, [t.result for t in runs]
 
 
 # --------------------------------------------------------------------------- runs
+
+def cpu_inputs(args):
+    """(z (B, n_max, dh), w_o, D, weights label, z label) for ``--shapes``, ``--acts``, ``--z``."""
+    n_max = max(args.ns)
+    profile = None
+    if args.acts:
+        zr = real_head_z(args.acts)
+        if zr.shape[1] < n_max:
+            raise SystemExit(f"--acts {args.acts} holds {zr.shape[1]} samples, --ns asks for "
+                             f"{n_max}; capture more prompts or lower --ns")
+        profile = fit_profile(zr, args.acts)
+    if args.shapes == "smollm2":
+        z, w_o, D, src = smollm2_inputs(n_max, args.heads or 270)
+        if args.acts:
+            if zr.shape[0] < w_o.shape[0] or zr.shape[2] != w_o.shape[1]:
+                raise SystemExit(f"--acts holds z of {tuple(zr.shape)} (heads, n, dh); the model "
+                                 f"has {tuple(w_o.shape[:2])} (heads, dh)")
+            return zr[:w_o.shape[0], :n_max].contiguous(), w_o, D, src, f"real ({args.acts})"
+        return z, w_o, D, src, "random normal"
+    heads, d, dh, v = SHAPES[args.shapes]
+    heads = min(heads, args.heads or heads)
+    w_o, D = random_model_weights(heads, dh, d, v)
+    if args.z == "normal":
+        return synthetic_z(heads, n_max, dh, None), w_o, D, "random", "random normal"
+    profile = profile or default_profile()
+    print(f"[bench] z profile: {profile.summary()}")
+    return synthetic_z(heads, n_max, dh, profile), w_o, D, "random", "profile of real heads"
+
+
+def run_method(z, w_o, D, k, criterion, method, memory):
+    """(timed result, stats, peak MiB) of the fast path with one large-dictionary method."""
+    st = {}
+    with PeakMemory() as mem:
+        fast = timed(lambda: somp_heads_torch(z, w_o, D, k, criterion=criterion, stats=st,
+                                              method=method, memory=memory))
+    return fast, st, mem.mib
+
 
 def run_cpu(args):
     m = machine("cpu", gemm=True)
     rate = m.gemm_flops
     print(f"[bench] machine: {m.summary()}")
-    z_all, w_o, D, src = smollm2_inputs(max(args.ns), args.heads)
-    print(f"[bench] inputs: {src}; z random normal; heads={w_o.shape[0]}")
+    z_all, w_o, D, src, zsrc = cpu_inputs(args)
+    shape = "SmolLM2-135M" if args.shapes == "smollm2" else args.shapes
+    full = SHAPES[args.shapes][0] if SHAPES[args.shapes] else w_o.shape[0]
+    if w_o.shape[0] < full:
+        shape += f" ({w_o.shape[0]} of {full} heads)"
+    print(f"[bench] inputs: {src}; z {zsrc}; heads={w_o.shape[0]}")
     B, v, d, dh, k = w_o.shape[0], D.shape[0], D.shape[1], w_o.shape[1], args.k
+    memory = int(args.memory_gib * (1 << 30))
     rows = []
     for criterion in args.criteria:
         for n in (args.ns if criterion != "l1" else args.ns[:1]):
             z = z_all[:, :n].contiguous()
-            t_head, sups = time_naive(z, w_o, D, k, criterion, args.naive_heads)
-            st = {}
-            with PeakMemory() as mem:
-                fast = timed(lambda: somp_heads_torch(z, w_o, D, k, criterion=criterion,
-                                                      stats=st))
-            res = fast.result
-            agree = sum(int(torch.equal(s, res.support[b])) for b, s in enumerate(sups))
-            visited = st.get("l1_visited_fraction")
-            row = result_row(
-                machine=f"{m.cpu}, {m.cores} cores", device="cpu", shape="SmolLM2-135M",
-                weights=src, criterion=criterion, heads=B, n=n, k=k, v=v, d=d, dh=dh,
-                backend="torch", naive_heads_timed=args.naive_heads,
-                naive_same_support=f"{agree}/{args.naive_heads}" if sups else "",
-                peak_mem_mib=mem.mib, l1_visited=round(visited, 4) if visited is not None else "",
-                final_evr_mean=round(float(res.evr[:, -1].mean()), 4),
-                **speed_fields(fast.best, t_head * B if t_head else None,
-                               floor_flops(criterion, B, v, d, dh, n, k), rate))
-            rows.append(row)
-            print(f"[bench] {criterion:4s} n={n:5d} heads={B}: fast {fast.best:7.2f} s | naive "
-                  f"{row['naive_seconds_scaled']} s (timed {args.naive_heads} heads, scaled) | "
-                  f"ratio {row['ratio_to_naive']}x | floor {row['floor_gflop']} GFLOP, "
-                  f"{row['achieved_fraction']:.1%} of GEMM rate | peak +{row['peak_mem_mib']} MiB "
-                  f"| same support {row['naive_same_support']} | L1 visited {row['l1_visited']}",
-                  flush=True)
+            t_head, sups = time_naive(z, w_o, D, k, criterion, args.naive_heads,
+                                      args.naive_steps if args.shapes != "smollm2" else 0)
+            results = {}
+            for method in args.methods:
+                load = load_average()
+                fast, st, mib = run_method(z, w_o, D, k, criterion, method, memory)
+                res = results[method] = fast.result
+                agree = sum(int(torch.equal(s, res.support[b, :s.shape[0]]))
+                            for b, s in enumerate(sups))
+                visited = st.get("l1_visited_fraction")
+                frac = st.get("exact_fraction")
+                row = result_row(
+                    machine=f"{m.cpu}, {m.cores} cores", device="cpu", shape=shape,
+                    weights=src, criterion=criterion, heads=B, n=n, k=k, v=v, d=d, dh=dh,
+                    backend="torch", method=method, z=zsrc, naive_heads_timed=args.naive_heads,
+                    naive_same_support=f"{agree}/{len(sups)}" if sups else "",
+                    peak_mem_mib=mib, l1_visited=round(visited, 4) if visited is not None else "",
+                    exact_fraction=f"{frac:.2e}" if frac is not None else "",
+                    load_avg=f"{load:.2f}-{load_average():.2f}",
+                    final_evr_mean=round(float(res.evr[:, -1].mean()), 4),
+                    **speed_fields(fast.best, t_head * B if t_head else None,
+                                   floor_flops(criterion, B, v, d, dh, n, k), rate))
+                rows.append(row)
+                print(f"[bench] {criterion:4s} n={n:5d} heads={B} {method:7s}: {fast.best:7.2f} s "
+                      f"| naive {row['naive_seconds_scaled']} s (timed {args.naive_heads} heads, "
+                      f"scaled) | ratio {row['ratio_to_naive']}x | exact fraction "
+                      f"{row['exact_fraction']} (fallback heads {st.get('fallback_heads', '-')}"
+                      f", refined {st.get('refined', '-')}) | peak +{mib} MiB | same as naive "
+                      f"{row['naive_same_support']} | L1 visited {row['l1_visited']} | load "
+                      f"{row['load_avg']}", flush=True)
+            if len(results) == 2:
+                a, b = results.values()
+                same = int((a.support == b.support).all(dim=1).sum())
+                for row in rows[-2:]:
+                    row["twin_same_support"] = f"{same}/{B}"
+                print(f"[bench] {criterion} n={n}: dense and bounded supports equal on "
+                      f"{same}/{B} heads", flush=True)
     if args.spams:
         rows += run_spams(z_all[:, :args.ns[0]], w_o, D, k, rate, f"{m.cpu}, {m.cores} cores")
     return rows
@@ -271,7 +358,8 @@ def write(rows, device, out_dir=RESULTS_DIR, results_md=RESULTS_MD):
         return
     path = os.path.join(out_dir, f"bench_pursuit_{device}.csv")
     append_csv(path, rows, FIELDS)
-    add_table_rows(results_md, [c for c, _ in TABLE], [[r[f] for _, f in TABLE] for r in rows])
+    table = TABLE_METHODS if any(r.get("method") for r in rows) else TABLE
+    add_table_rows(results_md, [c for c, _ in table], [[r[f] for _, f in table] for r in rows])
     print(f"[bench] wrote {path} and added {len(rows)} rows to the pursuit table of {results_md}")
 
 
@@ -280,7 +368,20 @@ def main():
     ap.add_argument("--criteria", nargs="*", default=["l1", "l2", "ormp"],
                     help="pass none with --spams to run only the SPAMS comparison")
     ap.add_argument("--ns", nargs="+", type=int, default=[200, 2000])
-    ap.add_argument("--heads", type=int, default=270)
+    ap.add_argument("--heads", type=int, default=0,
+                    help="first heads only (default: all heads of the shape)")
+    ap.add_argument("--shapes", default="smollm2", choices=list(SHAPES),
+                    help="smollm2: the embedded model's weights; llama3-8b: random weights of "
+                         "Llama-3-8B shapes with z of the real spectral profile")
+    ap.add_argument("--acts", default=None,
+                    help="captured activations (hp-fast capture --out FILE): real z for smollm2, "
+                         "the spectral profile for llama3-8b")
+    ap.add_argument("--z", default="profile", choices=["profile", "normal"],
+                    help="llama3-8b z: the real heads' spectral profile or random normal")
+    ap.add_argument("--methods", nargs="+", default=["bounded", "dense"],
+                    choices=["bounded", "dense"], help="large-dictionary methods to time")
+    ap.add_argument("--memory-gib", type=float, default=1.0,
+                    help="per-batch state budget of the fast path (somp_heads_torch memory=)")
     ap.add_argument("--naive-heads", type=int, default=2)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--spams", action="store_true", help="add the SPAMS somp (ormp) comparison")
@@ -291,7 +392,8 @@ def main():
     ap.add_argument("--device", default="cuda",
                     help="device of the GPU branch (cpu with --gpu-shapes tiny: the dry run)")
     ap.add_argument("--naive-steps", type=int, default=0,
-                    help="GPU branch: steps of the textbook loop timed (scaled to k; 0 = k)")
+                    help="GPU branch and --shapes llama3-8b: steps of the textbook loop timed "
+                         "(scaled to k; 0 = k)")
     ap.add_argument("--out", default=RESULTS_DIR, help="folder of the CSVs")
     ap.add_argument("--results-md", default=RESULTS_MD)
     ap.add_argument("--no-write", action="store_true",

@@ -8,10 +8,11 @@ same compilation the spill bytes, and Triton's metadata the dynamic shared memor
 Every row is checked against ``triton_aot.BUDGET`` (the budget tests/unit/test_triton_aot.py
 holds).
 
-Writes every row to benchmarks/results/kernel_resources.csv (the rows of this run replace the
-file's earlier rows of the same Triton version) and adds a summary table to
-benchmarks/RESULTS.md: one row per (kernel, configuration, precision), the largest value over
-the dictionary dtypes and NORMALIZE, cells "sm_80 / sm_90".
+Writes every row to benchmarks/results/kernel_resources.csv (a row of this run replaces the
+file's row of the same Triton version, kernel, arch, constexprs and dictionary dtype) and adds
+a summary table to benchmarks/RESULTS.md (``--no-table``: not): one row per (kernel,
+configuration, precision), the largest value over the dictionary dtypes and NORMALIZE, cells
+"sm_80 / sm_90".
 
     python benchmarks/kernel_resources.py                          # every config, 2 archs
     python benchmarks/kernel_resources.py --precisions ieee --archs 90 --no-write
@@ -68,10 +69,13 @@ def main():
     ap.add_argument("--archs", nargs="+", type=int, default=[80, 90])
     ap.add_argument("--precisions", nargs="+", default=list(DOT_PRECISIONS),
                     choices=list(DOT_PRECISIONS))
+    ap.add_argument("--kernels", nargs="+", default=None, choices=sorted(triton_aot.ARG_TYPES),
+                    help="only these kernels (default: both)")
     ap.add_argument("--max-r", type=int, default=256, help="widest X row (head dim) to cover")
     ap.add_argument("--out", default=RESULTS_DIR, help="folder of kernel_resources.csv")
     ap.add_argument("--results-md", default=RESULTS_MD)
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--no-table", action="store_true", help="write the CSV only")
     args = ap.parse_args()
     reason = triton_aot.missing_tools()
     if reason:
@@ -80,7 +84,8 @@ def main():
     m = machine()
     print(f"[resources] machine: {m.summary()}; triton {triton.__version__}", flush=True)
     t0 = time.perf_counter()
-    report = triton_aot.resource_report(tuple(args.archs), args.max_r, tuple(args.precisions))
+    report = triton_aot.resource_report(tuple(args.archs), args.max_r, tuple(args.precisions),
+                                        args.kernels)
     took = time.perf_counter() - t0
     base = dict(date=datetime.date.today().isoformat(), triton=triton.__version__,
                 machine=f"{m.cpu}, {m.cores} cores (AOT, no GPU)")
@@ -95,13 +100,17 @@ def main():
     if args.no_write:
         return
     path = os.path.join(args.out, "kernel_resources.csv")
+    def key(r):
+        return r["triton"], r["kernel"], str(r["arch"]), r["constexprs"], r["dictionary"]
+    new = {key(r) for r in rows}
     old = []
     if os.path.exists(path):
         import csv
         with open(path, newline="") as f:
-            old = [r for r in csv.DictReader(f) if r.get("triton") != triton.__version__]
+            old = [r for r in csv.DictReader(f) if key(r) not in new]
     append_csv(path, old + rows, FIELDS, replace=True)
-    added = add_table_rows(args.results_md, TABLE, summary_rows(rows, args.archs))
+    added = 0 if args.no_table else add_table_rows(args.results_md, TABLE,
+                                                   summary_rows(rows, args.archs))
     print(f"[resources] wrote {path} and {added} rows of the kernel resources table of "
           f"{args.results_md}")
 

@@ -42,14 +42,18 @@ KINDS = ("country", "other")
 METRICS = tuple(f"{kind}_{m}" for kind in KINDS for m in ("f1", "em", "acc"))
 
 
-def split_questions(seed: int, n_train: int, n_pool: int) -> tuple[list[Question], list[Question]]:
-    """Disjoint train / evaluation-pool lists, each half country and half other questions."""
+def split_questions(seed: int, n_train: int, n_pool: int,
+                    other_share: float = 0.5) -> tuple[list[Question], list[Question]]:
+    """Disjoint train / evaluation-pool lists; train is half country and half other questions,
+    the pool gives ``other_share`` of its ``n_pool`` places to other questions (the unedited
+    model knows fewer of them)."""
     rng = random.Random(seed)
     train, pool = [], []
-    for qs in (country_question_set(), other_question_set()):
+    n_other = round(n_pool * other_share)
+    for qs, n in ((country_question_set(), n_pool - n_other), (other_question_set(), n_other)):
         rng.shuffle(qs)
         train += qs[: n_train // 2]
-        pool += qs[n_train // 2: n_train // 2 + n_pool // 2]
+        pool += qs[n_train // 2: n_train // 2 + n]
     return train, pool
 
 
@@ -129,12 +133,14 @@ def run_qa(model, tok, out, *, ks=(3, 8, 16), n_random: int = 10, quick: bool = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ks = sorted(set(ks))
-    # full: 60 known test questions per kind (the pool holds ~2.5x what the unedited model knows)
-    sz = dict(n_train=40, n_pool=60, n_val=8, n_test=12) if quick else \
-        dict(n_train=120, n_pool=440, n_val=10, n_test=60)
+    # full: 60 known test questions per kind. SmolLM2 knows ~41 % of the country and ~20 % of
+    # the other pool questions, so the pool is 220 country + 400 other questions.
+    sz = dict(n_train=40, n_pool=60, n_val=8, n_test=12, other_share=0.5) if quick else \
+        dict(n_train=120, n_pool=620, n_val=10, n_test=60, other_share=0.645)
     sz.update(sizes or {})
     train, pool = (train_pool(questions, sz["n_train"], sz["n_pool"]) if questions else
-                   split_questions(0, n_train=sz["n_train"], n_pool=sz["n_pool"]))
+                   split_questions(0, n_train=sz["n_train"], n_pool=sz["n_pool"],
+                                   other_share=sz.get("other_share", 0.5)))
     log(f"[qa 1/5] {len(train)} train questions (selection), {len(pool)} in the evaluation pool")
     val, test, pool_acc = known_questions(model, tok, pool, sz["n_val"], sz["n_test"], generate=generate)
     log(f"        unedited pool accuracy: country {pool_acc['country']:.2f}, other "

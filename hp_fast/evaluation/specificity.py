@@ -35,8 +35,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from ..capture import HeadActivations, capture_many
 from ..edits import uniform_gains
 from ..ranking import HeadRanking, rank_heads, random_control
@@ -370,7 +368,7 @@ def run_specificity(model, tok, out, *, concepts: Sequence[str] = CONCEPTS,
     evidence = _tune(model, tok, rankings, splits, tuning, sz, log)
     chosen = choose_rule(evidence, tuning, criterion)
     log(f"        chosen on the tuning concepts: {chosen}")
-    log(f"[specificity 4/4] report on test items, everything frozen")
+    log("[specificity 4/4] report on test items, everything frozen")
     report = {}
     for c in concepts:  # partial.json after each concept: a stopped run keeps what it measured
         report[c] = _report_concept(model, tok, c, rankings[c], splits, chosen, sz, L, H, log)

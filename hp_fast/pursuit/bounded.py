@@ -45,6 +45,7 @@ FALLBACK_FRAC = 0.05  # more than this with R at its cap: the head is rerun by t
 HOPELESS_FRAC = 0.25  # more than this: the bound is useless for the head (flat spectrum)
 MIN_COUNT = 64        # absolute floor of the three thresholds above (small dictionaries)
 EXACT_HEADS = 64      # heads scored together in one exact-score pass
+ONE_PASS_M = 32       # up to this many atoms per head, every head is scored in one pass
 THETA = 1.0 / 32      # split of the drift margin (``Batch.coefficients``)
 VOCAB_CHUNK = 2048    # atoms per chunk of the fused pass (its state stays in cache)
 
@@ -167,7 +168,9 @@ class Batch:
             bi, ji = (ub >= thr[:, None]).nonzero(as_tuple=True)
             bis.append(bi)
             jis.append(ji + c0)
-        return torch.cat(bis), torch.cat(jis)
+        bi, ji = torch.cat(bis), torch.cat(jis)
+        order = torch.argsort(bi * v + ji)
+        return bi[order], ji[order]
 
     def threshold(self, beta, heads=None) -> torch.Tensor:
         """Bound-unit threshold (b,) for best exact scores beta (b,): beta less the tie
@@ -247,8 +250,9 @@ class Batch:
 
     def exact_sets(self, idx, valid, heads=None, current=True) -> torch.Tensor:
         """Exact scores (b, m) of idx (b, m) (rows: ``heads`` (b,), all heads by default) where
-        valid, -inf elsewhere. Rows with equal counts go in one pass; otherwise rows are
-        sorted by count and scored EXACT_HEADS at a time up to their group's largest count.
+        valid, -inf elsewhere. All heads go in one pass when m <= ONE_PASS_M (padding is cheaper
+        than gathering each head's Q, M, Z); otherwise rows are sorted by count and scored
+        EXACT_HEADS at a time up to their group's largest count.
         Atoms found inside the span are retired (o NaN); the others' o is set exact when the
         state is ``current`` (already updated for the last support row)."""
         b, m = idx.shape
@@ -258,7 +262,7 @@ class Batch:
         rows_all = torch.arange(b, device=dev)
         if b == 0 or m == 0 or int(counts.max()) == 0:
             return ex
-        if int(counts.min()) == int(counts.max()) and heads is None:
+        if heads is None and m <= ONE_PASS_M:
             groups = [(None, m)]  # every head, in order: no gathered copies of Q, M, Z
         else:
             order = torch.argsort(counts, descending=True)
@@ -331,7 +335,8 @@ def select(st: Batch, q, alive, stats: PursuitStats):
     lacking = alive & ~torch.isfinite(beta)
     thr = torch.where(alive & ~lacking, st.threshold(beta), torch.full_like(beta, math.inf))
     bi, ji = st.scan(q, thr)
-    keep = drop_known(bi, ji, seeds) & alive[bi]
+    known = torch.where(sok, seeds, torch.full_like(seeds, -1))  # seeds scored this step
+    keep = drop_known(bi, ji, known) & alive[bi]
     bi, ji = bi[keep], ji[keep]
     counts = torch.bincount(bi, minlength=B)
     blocks = [(seeds, ex_s)]
@@ -346,11 +351,12 @@ def select(st: Batch, q, alive, stats: PursuitStats):
         ex2 = st.exact_sets(si, sv > -math.inf, heads=hb)
         beta[hb] = torch.maximum(beta[hb], ex2.max(dim=1).values)
         thr[hb] = st.threshold(beta[hb])
-        seeds2 = torch.zeros_like(seeds)
+        seeds2 = torch.full_like(seeds, -1)
         ex2_all = torch.full_like(ex_s, -math.inf)
-        seeds2[hb], ex2_all[hb] = si, ex2
-        blocks.append((seeds2, ex2_all))
-        known = torch.cat([seeds, seeds2], dim=1)
+        seeds2[hb] = torch.where(sv > -math.inf, si, torch.full_like(si, -1))
+        ex2_all[hb] = ex2
+        blocks.append((seeds2.clamp_min(0), ex2_all))
+        known = torch.cat([known, seeds2], dim=1)
         for _ in range(3):
             cb = (ub >= thr[hb, None]).nonzero(as_tuple=True)
             nbi, nji = hb[cb[0]], cb[1]

@@ -240,8 +240,11 @@ def _compile_in_child(reqs: list[dict], timeout: float) -> list[dict]:
         src, dst = os.path.join(tmp, "requests.json"), os.path.join(tmp, "results.json")
         with open(src, "w") as f:
             json.dump(reqs, f)
+        env = compile_env()  # the child imports the same hp_fast as this process
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         proc = subprocess.run([sys.executable, "-m", "hp_fast.pursuit.triton_aot", src, dst],
-                              env=compile_env(), capture_output=True, text=True, timeout=timeout)
+                              env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode:
             raise RuntimeError(f"AOT compile worker failed (exit {proc.returncode}):\n"
                                f"{proc.stderr[-4000:]}")
@@ -308,24 +311,29 @@ def over_budget(info: CompiledInfo, budget: dict | None = None) -> list[str]:
     return out
 
 
-def launcher_requests(archs=(80, 90), max_r: int = 256, precisions=("ieee",)) -> list[dict]:
-    """One request per (configuration the launcher can pick, dictionary dtype, arch)."""
+def launcher_requests(archs=(80, 90), max_r: int = 256, precisions=("ieee",),
+                      kernels=None) -> list[dict]:
+    """One request per (configuration the launcher can pick, dictionary dtype, arch), for the
+    kernels named in ``kernels`` (all by default)."""
     from .triton_kernels import launch_configs
     out = []
     for arch in archs:
         for name, cfg in launch_configs(max_r, precisions):
+            if kernels is not None and name not in kernels:
+                continue
             types = DICTIONARY_TYPES if name == "update_kernel" else (None,)
             for t in types:
                 out.append(request(name, cfg, arch, {"D_ptr": t} if t else None))
     return out
 
 
-def resource_report(archs=(80, 90), max_r: int = 256, precisions=("ieee",)) -> list[dict]:
+def resource_report(archs=(80, 90), max_r: int = 256, precisions=("ieee",),
+                    kernels=None) -> list[dict]:
     """Registers, stack, spills and shared memory of every launcher configuration on ``archs``
     (for each of ``precisions``): one flat dict per (kernel, configuration, dictionary dtype,
     arch), ``over_budget`` filled."""
     rows = []
-    for info in compile_many(launcher_requests(archs, max_r, precisions)):
+    for info in compile_many(launcher_requests(archs, max_r, precisions, kernels)):
         rows.append(info.row() | {"over_budget": "; ".join(over_budget(info))})
     return rows
 

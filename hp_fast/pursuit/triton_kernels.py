@@ -17,13 +17,13 @@ choose (chosen, zero, inside the span).
 ``score_config`` / ``update_config`` are the only places block sizes are chosen;
 ``launch_configs`` lists them all (ahead-of-time compilation: ``triton_aot``). Register budget
 (``triton_aot.BUDGET``, measured for sm_80 and sm_90 in benchmarks/RESULTS.md, "Kernel
-resources"): the score kernel walks the width of X in ``BK`` = 32 columns (it used to hold a
-whole ``(BV, BR)`` tile of X, which cost 255 registers and 124 bytes of spills per thread on
-sm_90 at ``BR`` = 128, 272 bytes of stack with 64 rows), and tiles are ``ROWS_WIDE`` = 16
-vocabulary rows for rows of width ``BR >= 128`` (32 below), which takes the update kernel from
-178-247 registers to 102-136 at widths 128-256. The tiling only regroups the same per-atom
-scores (each tile keeps its lowest near-best index), so selections stay the reference's
-(tests/unit/test_triton_somp.py).
+resources"): the score kernel walks the width of X in ``BK`` columns (``chunk_cols``: 32, and
+16 for the tensor-core splits below width 256). It used to hold a whole ``(BV, BR)`` tile of
+X, which cost 255 registers and 124 bytes of spills per thread on sm_90 at ``BR`` = 128 (272
+bytes of stack with 64 rows). Tiles are ``ROWS_WIDE`` = 16 vocabulary rows for rows of width
+``BR >= 128`` (32 below), which takes the update kernel from 178-247 registers to 102-136 at
+widths 128-256. The tiling only regroups the same per-atom scores (each tile keeps its lowest
+near-best index), so selections stay the reference's (tests/unit/test_triton_somp.py).
 
 ``tl.dot`` runs in ``PRECISION`` (``DOT_PRECISIONS``): ``"ieee"`` (default, fp32 FMA, no tensor
 cores) or a split precision that runs on tensor cores (``"tf32x3"``, ``"bf16x3"``,
@@ -137,6 +137,12 @@ def tile_rows(br: int) -> int:
     return ROWS_WIDE if br >= WIDE_BR else 32
 
 
+def chunk_cols(br: int, precision: str) -> int:
+    """Columns of X per step of the score kernel's walk over a row (``BK``): 32, and 16 for the
+    tensor-core splits below width 256 (sm_90: tf32x3 at width 64 spills 8 bytes with 32)."""
+    return 32 if precision == "ieee" or br >= 256 else 16
+
+
 def check_precision(precision: str) -> str:
     """``precision`` if it is one of ``DOT_PRECISIONS`` and the installed Triton compiles it."""
     if precision not in DOT_PRECISIONS:
@@ -177,8 +183,9 @@ def score_config(mode: int, normalize: bool, r: int, precision: str = "ieee") ->
     Only the L1 rule (mode 0) multiplies; the others get ``PRECISION="ieee"`` (unused) so one
     compiled variant serves every precision."""
     br = next_pow2(r)
-    return dict(MODE=mode, NORMALIZE=normalize, BV=tile_rows(br), BN=16, BR=br, BK=min(br, 32),
-                PRECISION=precision if mode == MODE["l1"] else "ieee")
+    precision = precision if mode == MODE["l1"] else "ieee"
+    return dict(MODE=mode, NORMALIZE=normalize, BV=tile_rows(br), BN=16, BR=br,
+                BK=min(br, chunk_cols(br, precision)), PRECISION=precision)
 
 
 def update_config(r: int, precision: str = "ieee") -> dict:

@@ -75,7 +75,8 @@ def test_generated_lists_are_up_to_date():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     built = module.build()
-    assert set(built) == {"countries.txt", "sentiments.txt", "toxic.txt"}
+    assert set(built) == {"countries.txt", "sentiments.txt", "toxic.txt", "elements.txt",
+                          "us_states.txt", "languages.txt"}
     for name, text in built.items():
         assert (ROOT / "hp_fast" / "data" / name).read_text(encoding="utf-8") == text, (
             f"{name} is stale: run python scripts/build_wordlists.py")

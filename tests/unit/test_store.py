@@ -328,6 +328,8 @@ def _rss_growth(out: Path, result: Path):
     result.write_text(f"{sharded} {peak() - base - sharded}")
 
 
+@pytest.mark.skipif(os.getloadavg()[0] > 3, reason="RSS growth is not measurable while other "
+                    "processes load the machine (load average above 3)")
 def test_peak_rss_is_bounded_by_a_shard(tmp_path, monkeypatch):
     """The sharded run must not grow by the whole z; the in-memory run goes second (ru_maxrss
     only rises) and must grow by most of z, which shows the measurement can fail."""
