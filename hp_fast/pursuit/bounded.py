@@ -47,12 +47,21 @@ MIN_COUNT = 64        # absolute floor of the three thresholds above (small dict
 EXACT_HEADS = 64      # heads scored together in one exact-score pass
 ONE_PASS_M = 32       # up to this many atoms per head, every head is scored in one pass
 THETA = 1.0 / 32      # split of the drift margin (``Batch.coefficients``)
-VOCAB_CHUNK = 2048    # atoms per chunk of the fused pass (its state stays in cache)
+VOCAB_CHUNK = 4096    # atoms per chunk of the fused pass (its state stays in cache)
+LAZY = 4              # steps between applications of the pending rank-one updates to yt
+
+
+def row_norms(yt, out=None) -> torch.Tensor:
+    """||yt[:, :, j]|| over the direction axis: yt (b, Rc, vc) -> (b, vc) (into ``out``)."""
+    out = torch.mul(yt[:, 0], yt[:, 0], out=out)
+    for r in range(1, yt.shape[1]):
+        out.addcmul_(yt[:, r], yt[:, r])
+    return out.sqrt_()
 
 
 def bounded_batch_size(v: int, n: int, d: int, r: int, k: int, memory: int) -> int:
     """Heads per batch so the state (yt (R, v), o, and Q, G, M-sized pieces) fits ``memory``."""
-    per_head = 4 * v * (BOUND_R + 2) + 4 * (k * d + 2 * r * d + n * r + k * k)
+    per_head = 4 * v * (BOUND_R + LAZY + 3) + 4 * (k * d + 2 * r * d + n * r + k * k)
     return max(1, int(memory // per_head))
 
 
@@ -93,6 +102,15 @@ class Batch:
         with one_thread(dev):  # small float64 eigenproblems: one thread is faster
             self.dirs = make_directions(M, self.L, BOUND_R)
         self.yt = start_up(D, self.dirs, self.chunk)  # (B, Rc, v)
+        self.rho = torch.empty(B, v, dtype=dt, device=dev)  # (B, v) upper bound of ||yt_j||
+        for c0 in range(0, v, VOCAB_CHUNK):
+            c = slice(c0, min(v, c0 + VOCAB_CHUNK))
+            row_norms(self.yt[:, :, c], self.rho[:, c])
+        # rank-one updates not yet applied to yt: columns a = D q (B, LAZY, v), rows wt (B, LAZY,
+        # Rc); until they are, rho grows by |a| ||wt|| per step (triangle inequality)
+        self.A = torch.empty(B, LAZY, v, dtype=dt, device=dev)
+        self.Wp = torch.zeros(B, LAZY, self.yt.shape[1], dtype=dt, device=dev)
+        self.pending = 0
         self.o = atom_sq.expand(B, v).clone()  # (B, v) ||P d_j||^2; NaN: never to choose
         self.o[:, atom_sq <= 0] = math.nan
         self.Q = torch.zeros(B, k, d, dtype=dt, device=dev)
@@ -104,7 +122,7 @@ class Batch:
 
     # ---------------------------------------------------------------- bounds
     def coefficients(self, heads=None):
-        """(alpha, tau (b, 1), kappa (b, 1)) of ``ub = alpha ||yt||^2 + tau o + kappa ||d||^2``
+        """(alpha, tau (b, 1), kappa (b, 1)) of ``ub = alpha rho^2 + tau o + kappa ||d||^2``
         (times n for l1): ``(sqrt(x) + m)^2 <= (1 + THETA) x + (1 + 1/THETA) m^2`` turns the
         drift margin ``m = eps ||d|| sqrt(sum c)`` into terms without a square root."""
         sl = slice(None) if heads is None else heads
@@ -114,14 +132,12 @@ class Batch:
         kappa = (1.0 + 1.0 / THETA) * self.eps ** 2 * csum + tau * self.eps
         return (1.0 + THETA) * scale, tau[:, None], kappa[:, None]
 
-    def fill_bounds(self, out, yt, o, cols, coef) -> None:
-        """Bounds (b, vc) into ``out`` from yt (b, Rc, vc), o (b, vc) of atoms ``cols`` (a
-        slice): upper bounds of the selection score (l1: of its square); -inf for atoms never
-        to choose (o NaN)."""
+    def fill_bounds(self, out, rho, o, cols, coef) -> None:
+        """Bounds (b, vc) into ``out`` from rho, o (b, vc) of atoms ``cols`` (a slice): upper
+        bounds of the selection score (l1: of its square); -inf for atoms never to choose (o
+        NaN). o may be stale for l2/l1 (it only falls, so the bound stays one)."""
         alpha, tau, kappa = coef
-        torch.mul(yt[:, 0], yt[:, 0], out=out)
-        for r in range(1, yt.shape[1]):
-            out.addcmul_(yt[:, r], yt[:, r])
+        torch.mul(rho, rho, out=out)
         out.mul_(alpha)
         out.addcmul_(tau, o)
         sq = self.atom_sq[cols]
@@ -134,40 +150,65 @@ class Batch:
 
     def bounds(self, heads) -> torch.Tensor:
         """(b, v) bounds of ``heads`` (b,) from the current state."""
-        yt, o = self.yt[heads], self.o[heads]
+        rho, o = self.rho[heads], self.o[heads]
         ub = torch.empty_like(o)
         coef = self.coefficients(heads)
         v = o.shape[1]
         for c0 in range(0, v, VOCAB_CHUNK):
             c = slice(c0, min(v, c0 + VOCAB_CHUNK))
-            self.fill_bounds(ub[:, c], yt[:, :, c], o[:, c], c, coef)
+            self.fill_bounds(ub[:, c], rho[:, c], o[:, c], c, coef)
         return ub
 
+    def catch_up_chunk(self, c) -> None:
+        """Apply the pending rank-one updates to yt[:, :, c] and set rho exact there."""
+        p = self.pending
+        yt = self.yt[:, :, c]
+        if p:
+            yt.baddbmm_(self.Wp[:, :p].transpose(1, 2), self.A[:, :p, c], alpha=-1.0)
+        row_norms(yt, self.rho[:, c])
+
+    def catch_up(self) -> None:
+        """Apply every pending update (before the directions change)."""
+        if self.pending:
+            v = self.o.shape[1]
+            for c0 in range(0, v, VOCAB_CHUNK):
+                self.catch_up_chunk(slice(c0, min(v, c0 + VOCAB_CHUNK)))
+            self.pending = 0
+
     def scan(self, q, thr) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused pass: rank-one updates of yt and o for the new support rows q (B, d) (None:
-        none) from one column a = D q per head, the bounds, and the atoms whose bound reaches
-        thr (B,) (bound units), chunk by chunk. Returns (head (m,), atom (m,)) pairs sorted by
-        head, then atom."""
+        """The fused pass, chunk by chunk (the chunk's state stays in cache): the column
+        a = D q of the new support rows q (B, d) (None: none) per head, stored as a pending
+        update of yt (applied every LAZY steps, when rho is made exact again) while rho grows by
+        |a| ||wt||; o -= a^2 (ormp); the bounds, and the atoms whose bound reaches thr (B,)
+        (bound units). Returns (head (m,), atom (m,)) pairs sorted by head, then atom."""
         B, v = self.o.shape
-        Rc = self.yt.shape[1]
         coef = self.coefficients()
-        wt = None
         if q is not None:
             wt = torch.bmm(q[:, None, :], self.dirs.U)[:, 0] * self.dirs.sqrt_c  # (B, Rc)
+            wn = wt.norm(dim=1, keepdim=True)  # (B, 1)
+            catch = self.pending == LAZY
+            slot = 0 if catch else self.pending
         out = torch.empty(B, min(v, VOCAB_CHUNK), dtype=self.D.dtype, device=self.D.device)
         bis, jis = [], []
         for c0 in range(0, v, VOCAB_CHUNK):
             c = slice(c0, min(v, c0 + VOCAB_CHUNK))
-            o, yt = self.o[:, c], self.yt[:, :, c]
-            if wt is not None:
+            o, rho = self.o[:, c], self.rho[:, c]
+            if q is not None:
+                if catch:
+                    self.catch_up_chunk(c)
                 a = q @ self.D[c].T  # (B, vc)
-                o.addcmul_(a, a, value=-1.0)
-                yt.addcmul_(wt[:, :, None], a[:, None, :], value=-1.0)
+                self.A[:, slot, c] = a
+                if self.criterion == "ormp":
+                    o.addcmul_(a, a, value=-1.0)
+                rho.addcmul_(a.abs_(), wn)
             ub = out[:, :o.shape[1]]
-            self.fill_bounds(ub, yt, o, c, coef)
+            self.fill_bounds(ub, rho, o, c, coef)
             bi, ji = (ub >= thr[:, None]).nonzero(as_tuple=True)
             bis.append(bi)
             jis.append(ji + c0)
+        if q is not None:
+            self.Wp[:, slot] = wt
+            self.pending = slot + 1
         bi, ji = torch.cat(bis), torch.cat(jis)
         order = torch.argsort(bi * v + ji)
         return bi[order], ji[order]
@@ -183,6 +224,7 @@ class Batch:
     def refine(self, heads, stats: PursuitStats) -> None:
         """Double the directions of ``heads`` (capped at BOUND_R_MAX and the rank)."""
         dirs = self.dirs
+        self.catch_up()
         for R0 in torch.unique(dirs.R[heads]).tolist():
             h = heads[dirs.R[heads] == R0]
             with one_thread(self.D.device):
@@ -195,6 +237,7 @@ class Batch:
                 pad = dirs.U.shape[2] - self.yt.shape[1]
                 self.yt = torch.cat([self.yt, self.yt.new_zeros(self.yt.shape[0], pad,
                                                                 self.yt.shape[2])], dim=1)
+                self.Wp = self.Wp.new_zeros(self.Wp.shape[0], LAZY, self.yt.shape[1])
             with one_thread(self.D.device):
                 old = set_terms(dirs, self.M, self.L, h)  # sqrt(c) before, (b, Rc)
             ratio = dirs.sqrt_c[h, :R0] / old[:, :R0].clamp_min(torch.finfo(old.dtype).tiny)
@@ -210,21 +253,25 @@ class Batch:
                 c1 = min(v, c0 + vc)
                 Y = (self.D[c0:c1] @ Ucat).view(c1 - c0, b, m).permute(1, 2, 0)
                 self.yt[h, R0:R0 + m, c0:c1] = Y
+                self.rho[h, c0:c1] = row_norms(self.yt[h, :, c0:c1])
             stats.bounded_refined += h.numel()
 
     # ---------------------------------------------------------------- exact scores
     def exact(self, idx, heads) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact scores (b, m) and exact o (b, m) of atoms idx (b, m) of ``heads`` (b,) (None:
-        all), from their rows: x = P d_j (Gram-Schmidt twice), F = M x; retired atoms -inf."""
+        """Exact scores (b, m), exact o (b, m) and exact ||yt_j|| (b, m) of atoms idx (b, m) of
+        ``heads`` (b,) (None: all), from their rows: x = P d_j (Gram-Schmidt twice), F = M x;
+        retired atoms score -inf."""
         b, m = idx.shape
         t, d = self.t, self.D.shape[1]
         n, r = self.n, self.M.shape[1]
         sel = slice(None) if heads is None else heads
         Qh = self.Q[sel, :t]  # (b, t, d)
         MTh = self.MT[sel]  # (b, d, r)
+        Uh, ch = self.dirs.U[sel], self.dirs.sqrt_c[sel]
         side = self.Z[sel].transpose(1, 2) if self.criterion == "l1" else self.L[sel]
         out = torch.empty(b, m, dtype=self.D.dtype, device=self.D.device)
         orth = torch.empty_like(out)
+        rn = torch.empty_like(out)  # exact ||yt_j||: tightens rho
         mc = max(1, self.chunk // max(1, b * (d + t + r + n) * self.D.element_size()))
         for c0 in range(0, m, mc):
             ii = idx[:, c0:c0 + mc]
@@ -232,6 +279,7 @@ class Batch:
             for _ in range(2 if t else 0):
                 X = X - torch.bmm(torch.bmm(X, Qh.transpose(1, 2)), Qh)
             o = X.square().sum(dim=2)
+            crd = torch.bmm(X, Uh).mul_(ch[:, None, :])  # (b, mc, Rc) = sqrt(c) U.T P d_j
             F = torch.bmm(X, MTh)  # (b, mc, r) rows of D P M.T
             if self.criterion == "l1":
                 sc = torch.bmm(F, side).abs_().sum(dim=2)  # sum_i |F_j . z_i|
@@ -246,7 +294,8 @@ class Batch:
             sc.masked_fill_(o <= self.tol[ii], -math.inf)
             out[:, c0:c0 + mc] = sc
             orth[:, c0:c0 + mc] = o
-        return out, orth
+            rn[:, c0:c0 + mc] = crd.norm(dim=2)
+        return out, orth, rn
 
     def exact_sets(self, idx, valid, heads=None, current=True) -> torch.Tensor:
         """Exact scores (b, m) of idx (b, m) (rows: ``heads`` (b,), all heads by default) where
@@ -274,11 +323,12 @@ class Batch:
             rs = rows_all if rs is None else rs
             ii = idx[rs, :mg]
             ok = valid[rs, :mg]
-            sc, o = self.exact(ii, hs)
+            sc, o, rn = self.exact(ii, hs)
             sc.masked_fill_(~ok, -math.inf)
             ex[rs, :mg] = sc
             hrow = (rs if heads is None else heads[rs])[:, None].expand_as(ii)[ok]
             cols, o = ii[ok], o[ok]
+            self.rho[hrow, cols] = rn[ok]  # exact now; later steps add to it
             fill = torch.full_like(o, math.nan)
             if current:
                 self.o[hrow, cols] = torch.where(o <= self.tol[cols], fill, o)
@@ -346,6 +396,7 @@ def select(st: Batch, q, alive, stats: PursuitStats):
     cap = torch.clamp(st.dirs.rank, max=BOUND_R_MAX)
     if bool(redo.any()):
         hb = redo.nonzero()[:, 0]
+        st.catch_up()  # exact rho first: the lazy growth may be what admits too much
         ub = st.bounds(hb)
         sv, si = ub.topk(S, dim=1)
         ex2 = st.exact_sets(si, sv > -math.inf, heads=hb)

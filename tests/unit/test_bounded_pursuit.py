@@ -201,11 +201,12 @@ def test_fp32_drift_stays_inside_the_margin():
     M = torch.randn(B, dh, d, generator=g)
     D = torch.randn(v, d, generator=g)
     sq = D.square().sum(1)
-    st = bd.Batch(Z, M, D, sq, steps, "l2", True, 1 << 26)
+    st = bd.Batch(Z, M, D, sq, steps, "ormp", True, 1 << 26)  # ormp: o is kept up to date
     Q = random_supports(B, d, steps, g)
     never = torch.full((B,), math.inf)
     for t in range(steps):
         st.scan(Q[:, t], never)
+    st.catch_up()  # the last pending rank-one updates
     X = D.double()[None] - torch.bmm(torch.bmm(D.double()[None].expand(B, -1, -1),
                                                Q.double().transpose(1, 2)), Q.double())
     yt = torch.bmm(X, st.dirs.U.double()) * st.dirs.sqrt_c.double()[:, None, :]  # (B, v, Rc)

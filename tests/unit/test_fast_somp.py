@@ -61,9 +61,6 @@ def test_compiled_atom_space_kernel_is_used_and_matches_its_twin(monkeypatch):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("center", [False, True])
 def test_torch_matches_reference(case, criterion, normalize, center, path):
-    if path == "bounded" and criterion == "ormp" and case == "bf16":
-        pytest.xfail("opt-in bounded path: ormp on a bf16 dictionary picks another atom (open, "
-                     "the reason the dense path stays the default)")
     B, n, d, v, ks, k, extra = CASES[case]
     H, D = planted(B, n, d, v, ks, seed=stable_seed(case, criterion), **extra)
     ref = somp_reference(H, D, k, criterion=criterion, normalize=normalize, center=center,
