@@ -16,7 +16,7 @@ each phase between two barriers so its time is the slowest rank's:
 
 Threads: ``--threads`` per process (default: the cores divided by W, so every run uses the whole
 machine). Reported per phase: wall seconds (slowest rank), the speed-up over W=1, and the peak
-RSS of each process (``ru_maxrss``, model included, MiB: the largest over the ranks). Checked:
+RSS of each process (``VmHWM``, model included, MiB: the largest over the ranks). Checked:
 the W-process store equals the 1-process store bit for bit and the rankings are equal (scores,
 EVRs and supports), column "same".
 
@@ -30,14 +30,13 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, RESULTS_MD, add_table_rows, append_csv, machine
+from common import RESULTS_DIR, RESULTS_MD, add_table_rows, append_csv, machine, peak_rss_bytes
 
 OUT_CSV = os.path.join(RESULTS_DIR, "bench_distributed_cpu.csv")
 COLUMNS = ["date", "machine", "phase", "prompts", "processes", "threads / process", "wall s",
@@ -56,7 +55,7 @@ for bit. Timings are valid only on an idle machine (load avg well under the core
 # ---- worker (one per rank, under torchrun) ------------------------------------------------
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_rss_bytes() / 2**20
 
 
 def worker(args) -> None:

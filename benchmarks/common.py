@@ -7,6 +7,7 @@ so they ``from common import ...``. Every name here is public.
                         average, optionally the fp32 GEMM rate, the git commit.
 * ``gemm_rate``      fp32 GEMM FLOP/s measured now (the yardstick of "achieved fraction").
 * ``PeakMemory``     peak memory growth of a block: process RSS (CPU) or CUDA allocator peak.
+* ``peak_rss_bytes`` the process's resident high-water mark (``VmHWM``).
 * ``Stopwatch``, ``timed``, ``median_us``: wall and CPU clocks, median / best of repeats,
   and torch's ``Timer`` for microsecond-scale statements.
 * ``append_csv``     add rows to a CSV under one header, never dropping a column.
@@ -123,6 +124,13 @@ def machine(device: str = "cpu", gemm: bool = False) -> Machine:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident memory (``VmHWM``). Not ``ru_maxrss``: that
+    survives fork and exec, so a child would start with its parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
 
 
 class PeakMemory:

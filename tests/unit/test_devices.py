@@ -321,19 +321,20 @@ def test_bitsandbytes_capture_rank_edit_and_fold_refusal(bnb_folder, bits):
     with hp_fast.edit_heads(model, {(1, 1): gain}, mode="hook"):
         torch.testing.assert_close(_logits(model, tok), edited, rtol=0, atol=1e-6)
 
-    def add_scaled_write(_m, args, out):  # manual: y + (g - 1) x_h @ W_h.T, W from dequantization
-        return out + (gain - 1) * (args[0][..., cols].float() @ w[:, cols].T).to(out.dtype)
-    handle = o_proj.register_forward_hook(add_scaled_write)
+    def scale_head_input(_m, args):  # manual: the definition, head 1's slice of x times g
+        x = args[0].clone()
+        x[..., cols] *= gain
+        return (x, *args[1:])
+    handle = o_proj.register_forward_pre_hook(scale_head_input)
     try:
         manual = _logits(model, tok)
     finally:
         handle.remove()
-    change = (edited - base).abs().max()
-    assert change > 0.1
-    # 4-bit: the layer computes x @ dequant(W).T, linear in x; 8-bit also quantizes x per row
-    # (LLM.int8()), so the scaled input rounds differently: within 5% of the edit's size.
-    tol = 1e-4 if bits == "4bit" else 0.05 * float(change)
-    assert (manual - edited).abs().max() < tol
+    assert (edited - base).abs().max() > 0.1
+    # the quantized layer itself computes both sides (on some CPUs bitsandbytes' 4-bit kernel is
+    # not x @ dequant(W).T to 1e-4: a manual product from the dequantized W missed by 0.98 on an
+    # AMD EPYC), so the edit must equal the definition up to float rounding
+    assert (manual - edited).abs().max() < 1e-5
     with pytest.raises(ValueError, match=f"fold_head_gains cannot edit {bits[0]}-bit bitsandbytes "
                        r"weights in place; use edit_heads \(zero weight change\) or export from "
                        "the unquantized checkpoint"):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 import hp_fast
@@ -32,7 +31,8 @@ from hp_fast.capture import (HeadActivations, capture_batches, format_prompts, m
 from hp_fast.ranking import logit_lens_ids, vocabulary_pursuit
 from hp_fast.store import ShardedStore, ShardSink
 from hp_fast.store_read import ShardedZ
-from helpers.tiny_models import VOCAB, WORDS, tiny_model, tiny_tokenizer
+from helpers.rss import capture_rss_growth
+from helpers.tiny_models import WORDS, tiny_model, tiny_tokenizer
 
 capture_mod = importlib.import_module("hp_fast.capture")  # hp_fast.capture is the function
 N, SHARD, BATCH = 40, 8, 4  # 5 shards of 2 batches
@@ -304,38 +304,16 @@ def test_sink_buffers_one_shard_and_writers_merge(model, tok, reference, tmp_pat
     assert torch.equal(HeadActivations.load(tmp_path / "two").z[:], reference.z)
 
 
-def _rss_growth(out: Path, result: Path):
-    """In a fresh fork: peak-RSS growth (KiB) of a sharded, then an in-memory capture of 240
-    one-token prompts of a narrow model with wide heads: 288 KiB of z per prompt (z 67.5 MiB
-    in all, 5.6 MiB per shard), little compute."""
-    import resource
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=12, intermediate_size=16,
-                                   num_hidden_layers=3, num_attention_heads=6,
-                                   num_key_value_heads=2, head_dim=4096, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    tok = tiny_tokenizer()
-    prompts = [WORDS[i % 40] for i in range(240)]
-    kw = dict(batch_size=20, chat_template=False, progress=False)
-    hp_fast.capture(model, tok, prompts[:40], out=out / "warm", shard_size=20, **kw)  # warm up
-    hp_fast.capture(model, tok, prompts[:40], **kw)
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, only rises
-    base = peak()
-    hp_fast.capture(model, tok, prompts, out=out / "sharded", shard_size=20, **kw)
-    sharded = peak() - base
-    hp_fast.capture(model, tok, prompts, **kw)
-    result.write_text(f"{sharded} {peak() - base - sharded}")
-
-
 @pytest.mark.skipif(os.getloadavg()[0] > 3, reason="RSS growth is not measurable while other "
                     "processes load the machine (load average above 3)")
 def test_peak_rss_is_bounded_by_a_shard(tmp_path, monkeypatch):
-    """The sharded run must not grow by the whole z; the in-memory run goes second (ru_maxrss
+    """The sharded run must not grow by the whole z; the in-memory run goes second (the peak
     only rises) and must grow by most of z, which shows the measurement can fail."""
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    proc = _forked(_rss_growth, tmp_path, tmp_path / "rss.txt")
-    proc.join(120)
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreter: see helpers/rss.py
+    proc = ctx.Process(target=capture_rss_growth, args=(tmp_path, tmp_path / "rss.txt"))
+    proc.start()
+    proc.join(240)
     assert proc.exitcode == 0
     sharded_kib, memory_kib = map(int, (tmp_path / "rss.txt").read_text().split())
     print("peak RSS growth KiB: sharded", sharded_kib, "in memory", memory_kib)
